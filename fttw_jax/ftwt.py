@@ -1,0 +1,142 @@
+"""FTWT target masks, mask loss and mask metrics (SPEC sections 3 and 4).
+
+Pure functions over arrays: nothing here knows about models. Per-layer inputs
+are dicts ``{layer_name: {'logits', 'target', 'mask', ...}}`` as returned in a
+gated model's ``aux['gates']``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+EPS = 1e-5
+CRITERIA = ('mass', 'uniform')
+
+
+def _concrete_float(v):
+  """float(v), or None for a traced value (validated only when concrete)."""
+  try:
+    return float(v)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_mass_threshold(r) -> None:
+  """r < 0 keeps everything, 0 <= r <= 1 is a mass fraction; anything else is a bug."""
+  v = _concrete_float(r)
+  if v is not None and not (math.isfinite(v) and v <= 1.0):
+    raise ValueError(
+        f'mass threshold r={r!r} is invalid: valid values are r < 0 (keep all '
+        'channels) or 0 <= r <= 1 (fraction of activation mass to keep).')
+
+
+def check_prune_ratio(q) -> None:
+  v = _concrete_float(q)
+  if v is not None and not (math.isfinite(v) and 0.0 <= v <= 1.0):
+    raise ValueError(
+        f'uniform prune ratio q={q!r} is invalid: valid values are 0 <= q <= 1 '
+        '(fraction of channels to drop).')
+
+
+def _check_activation(y):
+  if y.ndim != 4:
+    raise ValueError(
+        f'expected an NHWC activation tensor of rank 4, got shape {tuple(y.shape)}')
+
+
+def channel_scores(y: jax.Array) -> jax.Array:
+  """Per-sample channel score s_c = max_{h,w} |y| -> (N, C) float32."""
+  _check_activation(y)
+  return jnp.max(jnp.abs(jnp.asarray(y, jnp.float32)), axis=(1, 2))
+
+
+def _rank_descending(s: jax.Array) -> jax.Array:
+  """Rank of each channel (0 = largest); ties go to the lower channel index."""
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True), order
+
+
+def mass_targets(y: jax.Array, r) -> jax.Array:
+  """Binary (N, C) target: the longest prefix of the ranking holding <= r of the mass.
+
+  r < 0 keeps all channels, r == 1 drops only dead channels (p <= 1e-5). A sample
+  whose scores are all zero keeps every channel. Works with a traced ``r``.
+  """
+  check_mass_threshold(r)
+  s = channel_scores(y)
+  total = jnp.sum(s, axis=-1, keepdims=True)
+  p = s / jnp.where(total > 0, total, 1.0)
+  rank, order = _rank_descending(p)
+  q = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
+  keep_sorted = (q - r) <= EPS
+  keep_prefix = jnp.take_along_axis(keep_sorted, rank, axis=-1)
+  keep = jnp.where(r == 1.0, p > EPS, keep_prefix)
+  keep = jnp.where(r < 0, True, keep)
+  keep = jnp.where(total > 0, keep, True)
+  return keep.astype(jnp.float32)
+
+
+def uniform_targets(y: jax.Array, q) -> jax.Array:
+  """Binary (N, C) target dropping the int(q*C) weakest channels and dead ones."""
+  check_prune_ratio(q)
+  s = channel_scores(y)
+  num_channels = s.shape[-1]
+  num_drop = jnp.floor(jnp.asarray(q, jnp.float32) * num_channels).astype(jnp.int32)
+  rank, _ = _rank_descending(s)
+  keep = (rank < num_channels - num_drop) & (s > EPS)
+  return keep.astype(jnp.float32)
+
+
+def targets(y: jax.Array, criterion: str, threshold) -> jax.Array:
+  """Dispatch on the configured criterion ('mass' with r, 'uniform' with q)."""
+  if criterion == 'mass':
+    return mass_targets(y, threshold)
+  if criterion == 'uniform':
+    return uniform_targets(y, threshold)
+  raise ValueError(f'unknown target criterion {criterion!r}; valid: {CRITERIA}')
+
+
+def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]],
+              sample_weight: jax.Array | None = None) -> jax.Array:
+  """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4).
+
+  ``sample_weight`` (N,) lets padded evaluation examples count zero.
+  """
+  if not gates:
+    return jnp.zeros((), jnp.float32)
+  per_layer = []
+  for g in gates.values():
+    bce = optax.sigmoid_binary_cross_entropy(
+        g['logits'].astype(jnp.float32), g['target'].astype(jnp.float32))
+    per_sample = jnp.sum(bce, axis=-1)
+    per_layer.append(_mean(per_sample, sample_weight))
+  return sum(per_layer) / len(per_layer)
+
+
+def _mean(x, w):
+  if w is None:
+    return jnp.mean(x)
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def mask_metrics(gates: Mapping[str, Mapping[str, jax.Array]],
+                 sample_weight: jax.Array | None = None) -> dict:
+  """Mask accuracy (m == g, per layer then over layers) and per-layer active ratio."""
+  if not gates:
+    return {'mask_accuracy': jnp.ones((), jnp.float32), 'active_ratio': {}}
+  acc, active = {}, {}
+  for name, g in gates.items():
+    agree = jnp.mean((g['mask'] == g['target']).astype(jnp.float32), axis=-1)
+    acc[name] = _mean(agree, sample_weight)
+    active[name] = _mean(jnp.mean(g['mask'].astype(jnp.float32), axis=-1), sample_weight)
+  return {'mask_accuracy': sum(acc.values()) / len(acc), 'active_ratio': active}
+
+
+def mask_loss_weight(epoch, epochs: int, cooldown: float = 0.5):
+  """w(epoch) = 1 while epoch < int(cooldown * epochs), else 0 (heads then frozen)."""
+  return jnp.where(epoch < int(cooldown * epochs), 1.0, 0.0)

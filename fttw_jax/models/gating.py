@@ -1,0 +1,167 @@
+"""The gated convolution of FTWT (SPEC 2) and the small modules every backbone shares.
+
+A ``GatedConv`` is conv -> BN -> act. With a ``GateConfig`` it also owns a mask
+predictor head (a ``Dense`` named ``head``), computes the self-supervised target
+mask of its own unmasked output, and multiplies its output by the predicted mask.
+Without one (baseline mode) it is a plain conv-BN-act layer with the same
+parameter names, so baseline weights load into a gated model unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fttw_jax import ftwt
+
+HEAD_NAME = 'head'
+POOLS = ('avg', 'max')
+MODES = ('decoupled', 'joint')
+MASK_SOURCES = ('predicted', 'target', 'ones')
+ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
+
+
+def _check_choice(field, value, valid):
+  if value not in valid:
+    raise ValueError(f'{field}={value!r} is invalid; valid values: {valid}')
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Options of the gated layer (SPEC 2, 3); one instance is shared by all layers.
+
+  Attributes:
+    pool: head pooling, 'avg' (reference code) or 'max' (paper text).
+    softmax: softmax over channels on the pooled head input.
+    mode: 'decoupled' (heads see stop_gradient(x)) or 'joint'.
+    criterion: target criterion, 'mass' (threshold = r) or 'uniform' (threshold
+      = prune ratio q).
+    threshold: r for 'mass', q for 'uniform'.
+    gt_after_block: ResNet: take the second conv's target after add + ReLU.
+    mask_source: which mask multiplies the output: the heads' 'predicted' mask
+      (training and evaluation), the 'target' (FLOPs estimation before
+      training) or 'ones' (no masking at all, not even SPEC 2.2's depthwise
+      rule: the output equals the baseline network's; for checks).
+  """
+  pool: str = 'avg'
+  softmax: bool = True
+  mode: str = 'decoupled'
+  criterion: str = 'mass'
+  threshold: float = 0.9
+  gt_after_block: bool = False
+  mask_source: str = 'predicted'
+
+  def __post_init__(self):
+    _check_choice('gate.pool', self.pool, POOLS)
+    _check_choice('gate.mode', self.mode, MODES)
+    _check_choice('gate.criterion', self.criterion, ftwt.CRITERIA)
+    _check_choice('gate.mask_source', self.mask_source, MASK_SOURCES)
+    if self.criterion == 'mass':
+      ftwt.check_mass_threshold(self.threshold)
+    else:
+      ftwt.check_prune_ratio(self.threshold)
+
+
+def check_images(x: jax.Array) -> None:
+  if x.ndim != 4:
+    raise ValueError(
+        f'expected images of rank 4 (N, H, W, C), got shape {tuple(x.shape)}')
+
+
+def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str):
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+      axis_name=axis_name if train else None, name=name)
+
+
+class AvgPool(nn.Module):
+  """Average pool as a module so the FLOPs profiler sees it.
+
+  ``window=0`` is the global average. ``counted`` says whether the reference
+  profile charges 1 MAC per output element for it (SPEC 5).
+  """
+  window: int = 0
+  counted: bool = False
+
+  def __call__(self, x):
+    if self.window == 0:
+      return jnp.mean(x, axis=(1, 2), keepdims=True)
+    w = (self.window, self.window)
+    return nn.avg_pool(x, w, strides=w)
+
+
+class GatedConv(nn.Module):
+  """conv -> BN -> act, optionally masked per sample by a predictor head (SPEC 2).
+
+  ``__call__`` returns ``(out, gates)`` where ``gates`` is ``{}`` in baseline
+  mode and ``{path: {'logits', 'target', 'mask', 'in_nz'}}`` in gated mode:
+  head logits, target mask and applied mask are (N, Cout); ``in_nz`` (N, Cin)
+  marks the input channels that are not identically zero (exact FLOPs).
+
+  With ``residual`` (second conv of a ResNet block) the output is
+  ``relu(mask * BN(conv(x)) + residual)``, or with ``gt_after_block``
+  ``mask * relu(BN(conv(x)) + residual)``.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  depthwise: bool = False
+  use_bias: bool = False
+  act: str = 'relu'
+  gate: GateConfig | None = None
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, residual=None):
+    cin = x.shape[-1]
+    if self.depthwise and self.features != cin:
+      raise ValueError(
+          f'depthwise conv needs features == input channels, got {self.features} vs {cin}')
+    pad = self.kernel_size // 2
+    z = nn.Conv(
+        self.features, (self.kernel_size, self.kernel_size),
+        strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
+        feature_group_count=cin if self.depthwise else 1, use_bias=self.use_bias,
+        dtype=self.dtype, name='conv')(x)
+    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn')(z)
+
+    act = ACTIVATIONS[self.act]
+    finish = lambda t: t
+    if residual is None:
+      y = act(z)
+    elif self.gate is not None and self.gate.gt_after_block:
+      y = nn.relu(z + residual)
+    else:
+      y = act(z)
+      finish = lambda t: nn.relu(t + residual)
+    if self.gate is None:
+      return finish(y), {}
+
+    gate = self.gate
+    head_in = x if gate.mode == 'joint' else jax.lax.stop_gradient(x)
+    head_in = head_in.astype(jnp.float32)
+    pooled = (jnp.mean if gate.pool == 'avg' else jnp.max)(head_in, axis=(1, 2))
+    if gate.softmax:
+      pooled = jax.nn.softmax(pooled, axis=-1)
+    logits = nn.Dense(self.features, use_bias=True, name=HEAD_NAME)(pooled)
+
+    target = jax.lax.stop_gradient(ftwt.targets(y, gate.criterion, gate.threshold))
+    in_nz = jax.lax.stop_gradient(jnp.any(x != 0, axis=(1, 2)).astype(jnp.float32))
+    if gate.mask_source == 'predicted':
+      mask = jax.lax.stop_gradient((logits > 0).astype(jnp.float32))
+    elif gate.mask_source == 'target':
+      mask = target
+    else:
+      mask = jnp.ones_like(target)
+    if self.depthwise and gate.mask_source != 'ones':
+      # SPEC 2.2: a channel switched off upstream stays off.
+      mask = mask * in_nz
+    out = finish(y * mask[:, None, None, :].astype(y.dtype))
+    entry = {'logits': logits, 'target': target, 'mask': mask, 'in_nz': in_nz}
+    return out, {'/'.join(self.scope.path): entry}
