@@ -92,7 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.cooldown={config.cooldown!r} must be in [0, 1]')
   if not config.width > 0:
     raise ValueError(f'config.width={config.width!r} must be > 0')
-  gate_config(config)  # validates the gate fields (mode, pool, criterion, r / q)
+  gate_config(config, mask_source='predicted')  # validates mode, pool, criterion, r / q
 
 
 def gate_config(config, **overrides) -> models.GateConfig | None:
