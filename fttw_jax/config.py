@@ -104,7 +104,7 @@ def gate_config(config, **overrides) -> models.GateConfig | None:
   try:
     return models.GateConfig(**fields)
   except ValueError as e:
-    raise ValueError(f'config.{e}') from None
+    raise ValueError(f'invalid config.gate: {e}') from None
 
 
 def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
