@@ -13,6 +13,7 @@ resume training, so evaluation, ``init_from`` and the research API restore
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -24,18 +25,38 @@ from etils import epath
 CHECKPOINT_DIRS = ('checkpoints', 'best')
 
 
+def _handlers():
+  """Item handlers, so that metadata can be read before any restore."""
+  return {'variables': ocp.StandardCheckpointHandler(),
+          'opt_state': ocp.StandardCheckpointHandler(),
+          'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+def _reader(root) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers=_handlers())
+
+
+def as_path(path) -> epath.Path:
+  """epath.Path; local paths made absolute (orbax requires it), gs://... kept."""
+  path = str(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
 def create_managers(workdir, max_to_keep: int = 3) -> tuple[ocp.CheckpointManager,
                                                              ocp.CheckpointManager]:
   """(latest-N manager, best-by-top-1 manager) under ``workdir``."""
-  workdir = epath.Path(workdir)
+  workdir = as_path(workdir)
   latest = ocp.CheckpointManager(
       workdir / 'checkpoints',
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_handlers=_handlers())
   best = ocp.CheckpointManager(
       workdir / 'best',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, best_fn=lambda m: m['top1'], best_mode='max',
-          keep_checkpoints_without_metrics=False))
+          keep_checkpoints_without_metrics=False),
+      item_handlers=_handlers())
   return latest, best
 
 
@@ -69,7 +90,7 @@ def resolve(path, which: str | int = 'latest') -> tuple[epath.Path, int]:
   ``path`` may be a workdir, a ``checkpoints``/``best`` directory, or one step
   directory in it. ``which`` is 'latest', 'best' or a step number.
   """
-  path = epath.Path(path)
+  path = as_path(path)
   if not path.exists():
     raise FileNotFoundError(f'no such workdir or checkpoint: {path}')
   if path.name.isdigit() and path.parent.name in CHECKPOINT_DIRS:
@@ -101,7 +122,7 @@ def _steps(root: epath.Path) -> list[int]:
 def read_config(path, which: str | int = 'latest') -> tuple[ml_collections.ConfigDict, dict, int]:
   """(config, meta, step) stored with a checkpoint, without reading any array."""
   root, step = resolve(path, which)
-  with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  with _reader(root) as mgr:
     out = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                     meta=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(out['config']), dict(out['meta']), step
@@ -134,7 +155,7 @@ def restore_variables(path, which: str | int = 'latest', target: Any = None):
   of another model or class count is a clear error, never a silent partial load.
   """
   root, step = resolve(path, which)
-  with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  with _reader(root) as mgr:
     stored = mgr.item_metadata(step)['variables']
     if target is not None:
       check_compatible(target, stored, f'checkpoint {root / str(step)}')

@@ -101,6 +101,15 @@ def targets(y: jax.Array, criterion: str, threshold) -> jax.Array:
   raise ValueError(f'unknown target criterion {criterion!r}; valid: {CRITERIA}')
 
 
+def per_sample_mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
+  """(N,): (1/L) sum_l sum_c BCEwithlogits(logits, target); its batch mean is the loss."""
+  per_layer = [
+      jnp.sum(optax.sigmoid_binary_cross_entropy(
+          g['logits'].astype(jnp.float32), g['target'].astype(jnp.float32)), axis=-1)
+      for g in gates.values()]
+  return sum(per_layer) / len(per_layer)
+
+
 def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]],
               sample_weight: jax.Array | None = None) -> jax.Array:
   """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4).
@@ -109,32 +118,31 @@ def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]],
   """
   if not gates:
     return jnp.zeros((), jnp.float32)
-  per_layer = []
-  for g in gates.values():
-    bce = optax.sigmoid_binary_cross_entropy(
-        g['logits'].astype(jnp.float32), g['target'].astype(jnp.float32))
-    per_sample = jnp.sum(bce, axis=-1)
-    per_layer.append(_mean(per_sample, sample_weight))
-  return sum(per_layer) / len(per_layer)
+  return weighted_mean(per_sample_mask_loss(gates), sample_weight)
 
 
-def _mean(x, w):
+def weighted_mean(x, w=None):
   if w is None:
     return jnp.mean(x)
   return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def per_sample_mask_stats(gates: Mapping[str, Mapping[str, jax.Array]]) -> dict:
+  """Per sample (N,): mask accuracy (m == g averaged per layer, then over layers)
+  and each layer's active-channel ratio."""
+  agree = [jnp.mean((g['mask'] == g['target']).astype(jnp.float32), axis=-1)
+           for g in gates.values()]
+  active = {name: jnp.mean(g['mask'].astype(jnp.float32), axis=-1)
+            for name, g in gates.items()}
+  return {'mask_accuracy': sum(agree) / len(agree), 'active_ratio': active}
+
+
 def mask_metrics(gates: Mapping[str, Mapping[str, jax.Array]],
                  sample_weight: jax.Array | None = None) -> dict:
-  """Mask accuracy (m == g, per layer then over layers) and per-layer active ratio."""
+  """Batch mask accuracy and per-layer active ratio (SPEC 4 metrics)."""
   if not gates:
     return {'mask_accuracy': jnp.ones((), jnp.float32), 'active_ratio': {}}
-  acc, active = {}, {}
-  for name, g in gates.items():
-    agree = jnp.mean((g['mask'] == g['target']).astype(jnp.float32), axis=-1)
-    acc[name] = _mean(agree, sample_weight)
-    active[name] = _mean(jnp.mean(g['mask'].astype(jnp.float32), axis=-1), sample_weight)
-  return {'mask_accuracy': sum(acc.values()) / len(acc), 'active_ratio': active}
+  return jax.tree.map(lambda v: weighted_mean(v, sample_weight), per_sample_mask_stats(gates))
 
 
 def mask_loss_weight(epoch, epochs: int, cooldown: float = 0.5):

@@ -19,6 +19,7 @@ from fttw_jax.models.vgg import VGG
 
 _P = functools.partial
 MODELS = {
+    'resnet8': _P(ResNet, stage_sizes=(1, 1, 1)),  # smallest 6n+2: smoke runs and tests
     'resnet20': _P(ResNet, stage_sizes=(3, 3, 3)),
     'resnet32': _P(ResNet, stage_sizes=(5, 5, 5)),
     'resnet44': _P(ResNet, stage_sizes=(7, 7, 7)),

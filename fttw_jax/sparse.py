@@ -1,0 +1,554 @@
+"""Sparse batch-1 inference: compute only the channels a sample's masks keep (issue 6).
+
+The masked dense forward (``model.apply``) computes every channel and then
+multiplies the switched-off ones by zero. Here each gated conv first runs its
+head on the layer input (SPEC 2: the head sees the input, so the mask is known
+before the conv), then gathers the weights of the active output channels (and
+of the active input channels), runs a narrow conv, and keeps the activation
+*compact* for the next layer. Facts this design follows (shared/DESIGN.md,
+"Sparse execution"): per-layer static capacity buckets chosen with
+``lax.switch`` inside one jit (only the chosen branch runs; under ``vmap`` all
+would, so batches go through ``lax.map``), widths in multiples of 8, the
+full-width bucket falls back to the dense computation, ``jnp.take(...,
+mode='clip')`` for gathers, BN folded into the conv at load time, and an
+im2col matmul where XLA:CPU's conv is pathological (tiny spatial sizes) — used
+by the dense baselines here too, so that timings compare like with like.
+
+Compact activation (``Act``): ``x`` is (1, H, W, C) in *slot* order; slot ``j <
+count`` holds channel ``idx[j]`` (``idx[:count]`` strictly increasing), slots
+``j >= count`` are zero and ``idx[j] == C``. Channels not listed are zero in
+the dense forward; listed ones may be zero too. ``count == C`` therefore means
+original channel order. A *dense* ``Act`` is statically in original order.
+
+Residual streams (ResNet blocks, MobileNetV2 shortcuts) stay in full width and
+original channel order: the residual add refills channels the branch masked
+off, so the sum's channel set is the union of the branch's mask and the
+stream's, which after a few blocks is nearly every channel. The branch (the
+two gated convs of a block) is where the sparsity is.
+
+Usage::
+
+  sparse = SparseModel.from_variables(model, variables)
+  logits, aux = sparse(x)        # x: (H, W, 3) or (N, H, W, 3); aux[layer]['mask']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fttw_jax.models.gating import HEAD_NAME, GateConfig
+from fttw_jax.models.mobilenet import MOBILENET_V2_CFG, MobileNetV1, MobileNetV2
+from fttw_jax.models.resnet import ResNet
+from fttw_jax.models.vgg import VGG
+
+BN_EPS = 1e-5
+SUPPORTED = ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vgg16_bn',
+             'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet34', 'mobilenet_v1_imagenet')
+IM2COL_MAX_PIXELS = 4   # XLA:CPU's conv is ~10x slow at 2x2 outputs; a matmul is not.
+
+
+# ----------------------------------------------------------------- conv kernels
+
+def conv2d(x, w, stride: int = 1):
+  """NHWC x HWIO conv with symmetric padding k//2: matmul for 1x1 and tiny outputs."""
+  k = w.shape[0]
+  if k == 1:
+    x = x[:, ::stride, ::stride, :]
+    return jnp.einsum('nhwc,cd->nhwd', x, w[0, 0])
+  pad = k // 2
+  h, wd = x.shape[1:3]
+  ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+  if ho * wo > IM2COL_MAX_PIXELS:
+    return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  cols = _shifted_windows(x, k, stride, ho, wo)
+  patches = jnp.concatenate(cols, axis=-1)               # (n, ho, wo, k*k*cin)
+  return jnp.einsum('nhwp,pd->nhwd', patches, w.reshape(-1, w.shape[-1]))
+
+
+def depthwise2d(x, w, stride: int = 1):
+  """Depthwise conv (w: (k, k, 1, C)) as k*k shifted multiply-adds (XLA:CPU's grouped
+  conv is slow; this fuses into one loop)."""
+  k = w.shape[0]
+  pad = k // 2
+  h, wd = x.shape[1:3]
+  ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+  cols = _shifted_windows(x, k, stride, ho, wo)
+  return sum(c * w[i // k, i % k, 0] for i, c in enumerate(cols))
+
+
+def _shifted_windows(x, k, stride, ho, wo):
+  pad = k // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(k) for j in range(k)]
+
+
+def channel_mean(x):
+  """Mean over (N, H, W) per channel. A two-stage sum: XLA:CPU reduces a long axis
+  as one serial add chain (~5x slower at 32x32x16)."""
+  y = x.reshape(-1, x.shape[-1])
+  n = y.shape[0]
+  g = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+  return y.reshape(g, n // g, -1).sum(axis=1).sum(axis=0) / n
+
+
+def max_pool(x, window: int, stride: int, pad: int = 0):
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                           ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def avg_pool(x, window: int):
+  if window == 0:
+    return channel_mean(x).reshape(1, 1, 1, -1)
+  s = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, window, window, 1), 'VALID')
+  return s / (window * window)
+
+
+# ----------------------------------------------------------- compact activations
+
+@flax.struct.dataclass
+class Act:
+  """An activation in slot order (see module docstring); ``dense``: original order."""
+  x: jax.Array
+  idx: jax.Array | None = None
+  count: jax.Array | None = None
+  dense: bool = flax.struct.field(pytree_node=False, default=True)
+
+  @property
+  def channels(self) -> int:
+    return self.x.shape[-1]
+
+
+def to_dense(act: Act) -> jax.Array:
+  """Scatter slots back to original channel order (fill slots are dropped)."""
+  if act.dense:
+    return act.x
+  return jnp.zeros_like(act.x).at[..., act.idx].set(act.x, mode='drop')
+
+
+def capacities(channels: int, levels: int) -> tuple[int, ...]:
+  """Static widths a layer may run at: ``levels`` steps of C/levels, rounded up to a
+  multiple of 8 (narrow convs of other widths run poorly on CPU), capped at C."""
+  caps = {min(channels, -(-math.ceil(channels * k / levels) // 8) * 8)
+          for k in range(1, levels + 1)}
+  return tuple(sorted(caps))
+
+
+def _bucket(count, caps):
+  """Index of the smallest capacity >= count (one fused compare-sum, no search loop)."""
+  return jnp.sum(count > jnp.asarray(caps[:-1], jnp.int32), dtype=jnp.int32)
+
+
+def _slots_of(mask, size):
+  """(sorted indices of the ones in ``mask`` padded with ``size``, their count).
+
+  One sort of unique keys: cheaper on CPU than ``nonzero``'s cumsum + scatter."""
+  on = mask > 0
+  ar = jnp.arange(size, dtype=jnp.int32)
+  keys = lax.sort(jnp.where(on, ar, size + ar))
+  return jnp.where(keys < size, keys, size), jnp.sum(on, dtype=jnp.int32)
+
+
+# --------------------------------------------------------------- parameters
+
+def fold_bn(kernel, bias, bn_params, bn_stats):
+  """Fold inference BatchNorm into the preceding conv: (kernel', bias')."""
+  scale = bn_params['scale'] / np.sqrt(bn_stats['var'] + BN_EPS)
+  b = bias if bias is not None else 0.0
+  return kernel * scale, (b - bn_stats['mean']) * scale + bn_params['bias']
+
+
+def _get(tree, path):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
+
+
+def _fold_conv(params, stats, path, conv='conv', bn='bn'):
+  p, s = _get(params, path), _get(stats, path)
+  w, b = fold_bn(np.asarray(p[conv]['kernel']), p[conv].get('bias'), p[bn], s[bn])
+  return {'w': jnp.asarray(w, jnp.float32), 'b': jnp.asarray(b, jnp.float32)}
+
+
+# ------------------------------------------------------------------- executor
+
+@dataclasses.dataclass
+class _Runner:
+  """Runs one sample through the layer ops; ``levels=1`` is the masked dense forward
+  (full-width bucket only), ``gated=False`` the plain dense network (no heads)."""
+  params: dict
+  gate: GateConfig | None
+  levels: int
+  gated: bool = True
+  min_pixels: int = 16
+  min_channels: int = 32
+  aux: dict = dataclasses.field(default_factory=dict)
+
+  def head(self, name, act: Act):
+    """Mask (Cout,) predicted from the layer input, exactly as GatedConv's head."""
+    p = self.params[name]
+    if self.gate.pool == 'avg':
+      pooled = channel_mean(act.x)
+    else:
+      pooled = jnp.max(act.x, axis=(0, 1, 2))
+    if not act.dense:
+      pooled = jnp.zeros_like(pooled).at[act.idx].set(pooled, mode='drop')
+    if self.gate.softmax:
+      pooled = jax.nn.softmax(pooled)
+    logits = pooled @ p['head_w'] + p['head_b']
+    return logits, (logits > 0).astype(jnp.float32)
+
+  def conv(self, name, act: Act, stride=1, act_fn='relu', residual=None, post='relu',
+           after_block=False):
+    """Gated conv -> Act; with ``residual`` (original order, full width) returns the
+    block output ``post(mask * conv(x) + residual)`` as a dense Act (or
+    ``mask * relu(conv(x) + residual)`` with ``after_block``)."""
+    p = self.params[name]
+    w, b = p['w'], p['b']
+    cin, cout = w.shape[2], w.shape[3]
+    fn = _ACT[act_fn]
+    post_fn = _ACT[post]
+    if not self.gated:
+      y = fn(conv2d(act.x, w, stride) + b)
+      return Act(post_fn(y + residual) if residual is not None else y)
+    logits, mask = self.head(name, act)
+    self.aux[name] = {'logits': logits, 'mask': mask}
+    out_idx, n_out = _slots_of(mask, cout)
+
+    def branch(ci, co):
+      def run(x, in_idx, w, b, mask, out_idx, n_out, residual):
+        if ci < cin:
+          x = x[..., :ci]
+        if in_idx is not None:           # input not in original order: gather rows
+          w = jnp.take(w, in_idx[:ci], axis=2, mode='clip')
+        if co < cout:
+          w = jnp.take(w, out_idx[:co], axis=3, mode='clip')
+          b = jnp.take(b, out_idx[:co], mode='clip')
+        y = fn(conv2d(x, w, stride) + b)
+        if co == cout:                    # full-width fallback: dense, mask multiplies
+          if residual is None:
+            return y * mask
+          if after_block:
+            return jax.nn.relu(y + residual) * mask
+          return post_fn(y * mask + residual)
+        y = y * (jnp.arange(co) < n_out)
+        if residual is None:
+          return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, cout - co)))
+        if after_block:
+          r = jnp.take(residual, out_idx[:co], axis=-1, mode='clip')
+          y = jax.nn.relu(y + r) * (jnp.arange(co) < n_out)
+          return jnp.zeros_like(residual).at[..., out_idx[:co]].set(y, mode='drop')
+        return post_fn(residual.at[..., out_idx[:co]].add(y, mode='drop'))
+      return run
+
+    caps_out = self.capacities(cout, _out_pixels(act.x.shape, w.shape[0], stride))
+    if len(caps_out) == 1:                # too small to pay for gathers: masked dense
+      y = branch(cin, cout)(to_dense(act), None, w, b, mask, out_idx, n_out, residual)
+      return Act(y)
+    b_out = _bucket(n_out, caps_out)
+    if act.dense:
+      branches = [branch(cin, co) for co in caps_out]
+      index = b_out
+    else:
+      caps_in = capacities(cin, self.levels)
+      # Last input branch: count == C means slots are already in original order.
+      branches = [_with_in_idx(branch(cin if ci is None else ci, co), ci is not None)
+                  for ci in caps_in + (None,) for co in caps_out]
+      b_in = jnp.where(act.count == cin, len(caps_in), _bucket(act.count, caps_in))
+      index = b_in * len(caps_out) + b_out
+    y = _switch(index, branches, act.x, act.idx, w, b, mask, out_idx, n_out, residual)
+    if residual is not None:
+      return Act(y)
+    idx, count = _full_width_order(b_out, len(caps_out), out_idx, n_out, cout)
+    return Act(y, idx, count, dense=False)
+
+  def capacities(self, channels, pixels):
+    """Widths a layer may run at; only the full width where narrowing cannot pay
+    (gathering weights costs ~20 MACs per weight: small outputs and few channels
+    lose more to gathers than they save)."""
+    if self.levels == 1 or pixels < self.min_pixels or channels < self.min_channels:
+      return (channels,)
+    return capacities(channels, self.levels)
+
+  def depthwise(self, name, act: Act, stride=1):
+    """Gated depthwise conv, per slot, masked by ``mask * in_nz`` (SPEC 2.2); then
+    re-compacted so that the next pointwise conv sees only channels that are on."""
+    p = self.params[name]
+    w, b = p['w'], p['b']
+    c = w.shape[-1]
+    if not self.gated:
+      return Act(jax.nn.relu(depthwise2d(act.x, w, stride) + b))
+    logits, mask = self.head(name, act)
+    caps = self.capacities(c, _out_pixels(act.x.shape, w.shape[0], stride))
+    if act.dense or len(caps) == 1:
+      x = to_dense(act)
+      keep = mask * jnp.any(x[0] != 0, axis=(0, 1))
+      self.aux[name] = {'logits': logits, 'mask': keep}
+      y = jax.nn.relu(depthwise2d(x, w, stride) + b) * keep
+      if len(caps) == 1:
+        return Act(y)
+      return _compact(y, keep, jnp.arange(c, dtype=jnp.int32), jnp.int32(c), caps)
+    w = jnp.take(w, act.idx, axis=3, mode='clip')
+    b = jnp.take(b, act.idx, mode='clip')
+    keep = jnp.take(mask, act.idx, mode='clip') * jnp.any(act.x[0] != 0, axis=(0, 1))
+    self.aux[name] = {'logits': logits,
+                      'mask': jnp.zeros_like(mask).at[act.idx].set(keep, mode='drop')}
+    y = jax.nn.relu(depthwise2d(act.x, w, stride) + b) * keep
+    return _compact(y, keep, act.idx, act.count, caps)
+
+  def plain_conv(self, name, x, stride=1):
+    """Unmasked conv + folded BN (shortcut projections), dense."""
+    p = self.params[name]
+    return conv2d(x, p['w'], stride) + p['b']
+
+  def classifier(self, x):
+    p = self.params['classifier']
+    return x.reshape(1, -1) @ p['w'] + p['b']
+
+
+_ACT = {'relu': jax.nn.relu, 'none': lambda t: t}
+
+
+def _out_pixels(shape, k, stride):
+  pad = k // 2
+  return (((shape[1] + 2 * pad - k) // stride + 1) * ((shape[2] + 2 * pad - k) // stride + 1))
+
+
+def _with_in_idx(fn, gather: bool):
+  """Branch that gathers input rows by ``in_idx`` (gather) or takes them as original order."""
+  def run(x, in_idx, *rest):
+    return fn(x, in_idx if gather else None, *rest)
+  return run
+
+
+def _compact(y, keep, idx, count, caps):
+  """Move the slots with ``keep`` to the front (an activation gather, cheap next to the
+  pointwise conv it narrows); the full-width bucket keeps the order, zeros inside."""
+  c = y.shape[-1]
+  slots, n_new = _slots_of(keep, c)
+
+  def branch(co):
+    def run(y, slots, idx, n_new, count):
+      if co == c:
+        return y, idx, count
+      valid = jnp.arange(co) < n_new
+      z = jnp.take(y, slots[:co], axis=-1, mode='clip') * valid
+      new_idx = jnp.where(valid, jnp.take(idx, slots[:co], mode='clip'), c)
+      return (jnp.pad(z, ((0, 0), (0, 0), (0, 0), (0, c - co))),
+              jnp.pad(new_idx, (0, c - co), constant_values=c), n_new)
+    return run
+  y, idx, count = _switch(_bucket(n_new, caps), [branch(co) for co in caps],
+                          y, slots, idx, n_new, count)
+  return Act(y, idx, count, dense=False)
+
+
+def _switch(index, branches, *ops):
+  if len(branches) == 1:
+    return branches[0](*ops)
+  return lax.switch(index, branches, *ops)
+
+
+def _full_width_order(b_out, n_caps, out_idx, n_out, cout):
+  """The full-width bucket returns channels in original order (count = C)."""
+  full = b_out == n_caps - 1
+  idx = jnp.where(full, jnp.arange(cout, dtype=jnp.int32), out_idx)
+  return idx, jnp.where(full, jnp.int32(cout), n_out)
+
+
+# -------------------------------------------------------------- architectures
+
+def _resnet(run: _Runner, model: ResNet, x):
+  act = run.conv('stem', Act(x), stride=2 if model.imagenet else 1)
+  if model.imagenet:                        # max pool is per channel: fine on slots
+    act = act.replace(x=max_pool(act.x, 3, 2, 1))
+  x = to_dense(act)
+  after_block = run.gate is not None and run.gate.gt_after_block
+  for stage, size in enumerate(model.stage_sizes):
+    for b in range(size):
+      name = f'layer{stage + 1}_{b}'
+      stride = 2 if stage > 0 and b == 0 else 1
+      features = run.params[f'{name}/conv1']['w'].shape[-1]
+      residual = x
+      if stride != 1 or x.shape[-1] != features:
+        if model.imagenet:
+          residual = run.plain_conv(f'{name}/downsample', x, stride)
+        else:
+          residual = pad_shortcut(x, features, stride)
+      y = run.conv(f'{name}/conv1', Act(x), stride)
+      x = run.conv(f'{name}/conv2', y, act_fn='none', residual=residual, post='relu',
+                   after_block=after_block).x
+  return run.classifier(avg_pool(x, 0))
+
+
+def _vgg(run: _Runner, model: VGG, x):
+  act, index = Act(x), 0
+  for v in model.cfg:
+    if v == 'M':
+      act = act.replace(x=max_pool(act.x, 2, 2))
+    else:
+      act = run.conv(f'conv{index}', act)
+      index += 1
+  return run.classifier(to_dense(act))
+
+
+def _mobilenet_v1(run: _Runner, model: MobileNetV1, x):
+  from fttw_jax.models.mobilenet import MOBILENET_V1_CFG  # pylint: disable=g-import-not-at-top
+  act = run.conv('stem', Act(x), stride=2 if model.imagenet else 1)
+  for i, (_, s) in enumerate(MOBILENET_V1_CFG):
+    act = run.depthwise(f'block{i}_dw', act, s)
+    act = run.conv(f'block{i}_pw', act)
+  act = act.replace(x=avg_pool(act.x, 0 if model.imagenet else 2))
+  return run.classifier(to_dense(act))
+
+
+def _mobilenet_v2(run: _Runner, model: MobileNetV2, x):
+  act, index = run.conv('stem', Act(x)), 0
+  for _, _, n, s in MOBILENET_V2_CFG:
+    for b in range(n):
+      name, stride = f'block{index}', (s if b == 0 else 1)
+      y = run.conv(f'{name}/expand', act)
+      y = run.depthwise(f'{name}/dw', y, stride)
+      if stride == 1:
+        shortcut = to_dense(act)
+        if f'{name}/shortcut' in run.params:
+          shortcut = run.plain_conv(f'{name}/shortcut', shortcut)
+        act = run.conv(f'{name}/project', y, act_fn='none', residual=shortcut, post='none')
+      else:
+        act = run.conv(f'{name}/project', y, act_fn='none')
+      index += 1
+  act = run.conv('final_conv', act)
+  act = act.replace(x=avg_pool(act.x, 4))
+  return run.classifier(to_dense(act))
+
+
+_ARCHS: dict[type, Callable] = {ResNet: _resnet, VGG: _vgg, MobileNetV1: _mobilenet_v1,
+                                MobileNetV2: _mobilenet_v2}
+
+
+def pad_shortcut(x, features, stride):
+  from fttw_jax.models.resnet import pad_shortcut as pad  # pylint: disable=g-import-not-at-top
+  return pad(x, features, stride)
+
+
+_PROJECTIONS = ('downsample_conv', 'downsample_bn', 'shortcut_conv', 'shortcut_bn')
+
+
+def fold_variables(variables) -> dict:
+  """{layer path: {'w', 'b'[, 'head_w', 'head_b']}} with BN folded into every conv."""
+  params, stats = variables['params'], variables['batch_stats']
+  out = {}
+
+  def walk(tree, path):
+    if 'conv' in tree and 'bn' in tree:
+      entry = _fold_conv(params, stats, path)
+      if HEAD_NAME in tree:
+        entry['head_w'] = jnp.asarray(tree[HEAD_NAME]['kernel'], jnp.float32)
+        entry['head_b'] = jnp.asarray(tree[HEAD_NAME]['bias'], jnp.float32)
+      out[path] = entry
+      return
+    for proj in ('downsample', 'shortcut'):
+      if f'{proj}_conv' in tree:
+        out[f'{path}/{proj}'] = _fold_conv(params, stats, path, f'{proj}_conv', f'{proj}_bn')
+    for key, sub in tree.items():
+      if isinstance(sub, dict) and key not in _PROJECTIONS:
+        walk(sub, f'{path}/{key}' if path else key)
+
+  walk(params, '')
+  cls = params['classifier']
+  out['classifier'] = {'w': jnp.asarray(cls['kernel'], jnp.float32),
+                       'b': jnp.asarray(cls['bias'], jnp.float32)}
+  return out
+
+
+# ------------------------------------------------------------------ public API
+
+def check_supported(model) -> Callable:
+  """The architecture walker for ``model``, or a ValueError naming what is supported."""
+  walker = _ARCHS.get(type(model))
+  if walker is None:
+    raise ValueError(
+        f'sparse execution does not support {type(model).__name__}; supported '
+        f'architectures: {[t.__name__ for t in _ARCHS]} (registry models {list(SUPPORTED)})')
+  if model.gate is None:
+    raise ValueError('sparse execution needs a gated model (gate=GateConfig(...)); '
+                     'a baseline model has no heads to predict masks')
+  if model.gate.mask_source != 'predicted':
+    raise ValueError(f"sparse execution runs the heads' predicted masks; got "
+                     f'gate.mask_source={model.gate.mask_source!r} (valid: \'predicted\')')
+  return walker
+
+
+class SparseModel:
+  """Batch-1 sparse inference of a gated model; equal to ``model.apply`` (eval mode).
+
+  ``__call__(x)`` is the sparse path; ``masked_dense`` and ``dense`` run the same
+  kernels (folded BN, same conv implementation) at full width with and without
+  masks: the fair baselines for timing. Batches run sample by sample (``lax.map``).
+  """
+
+  def __init__(self, model, params: dict, levels: int = 8, min_pixels: int = 16,
+               min_channels: int = 32):
+    self.walker = check_supported(model)
+    if levels < 1:
+      raise ValueError(f'levels must be >= 1, got {levels!r}')
+    self.model, self.params = model, params
+    self.policy = dict(levels=levels, min_pixels=min_pixels, min_channels=min_channels)
+    self._fns = {}
+
+  @classmethod
+  def from_variables(cls, model, variables, **policy) -> 'SparseModel':
+    """Fold BN into the convs once (at load time) and wrap ``model``.
+
+    ``policy``: ``levels`` (capacity buckets per layer: C/levels steps, rounded up to
+    multiples of 8), ``min_pixels`` and ``min_channels`` (layers with smaller outputs
+    run masked dense: narrowing them costs more in weight gathers than it saves).
+    """
+    check_supported(model)
+    return cls(model, fold_variables(variables), **policy)
+
+  def __call__(self, x):
+    """Sparse forward: (logits (N, classes), {layer: {'logits', 'mask'}} each (N, C))."""
+    return self._run('sparse', x)
+
+  def masked_dense(self, x):
+    """Masked dense forward with the same kernels (every layer at full width)."""
+    return self._run('masked', x)
+
+  def dense(self, x):
+    """The plain network (no heads, no masks) with the same kernels: (N, classes)."""
+    return self._run('dense', x)[0]
+
+  def _run(self, mode, x):
+    if mode not in self._fns:
+      self._fns[mode] = jax.jit(functools.partial(_forward, self.walker, self.model, mode,
+                                                  tuple(sorted(self.policy.items()))))
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 3:
+      x = x[None]
+    if x.ndim != 4:
+      raise ValueError(f'expected images (N, H, W, C) or (H, W, C), got shape {x.shape}')
+    return self._fns[mode](self.params, x)
+
+
+def _forward(walker, model, mode, policy, params, xs):
+  policy = dict(policy)
+  if mode == 'masked':
+    policy['levels'] = 1
+  def one(x):
+    run = _Runner(params, model.gate, gated=mode != 'dense', **policy)
+    logits = walker(run, model, x[None])[0]
+    return logits, run.aux
+  if xs.shape[0] == 1:
+    logits, aux = one(xs[0])
+    return logits[None], jax.tree.map(lambda a: a[None], aux)
+  return lax.map(one, xs)

@@ -1,0 +1,497 @@
+"""Training: dense baseline and FTWT dynamic training (SPEC 4, 6).
+
+Shaped after flax examples/imagenet: ``create_train_state``, ``train_step``,
+``eval_step``, ``train_and_evaluate``. The steps are jitted ``jax.shard_map``
+functions over a 1-D ``data`` mesh: every device runs the per-device step on its
+slice of the global batch; ``lax.pmean`` over ``data`` makes the loss (hence the
+gradients), BatchNorm statistics and metrics global means, so results do not
+depend on the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fttw_jax import checkpoint, data, flops, ftwt, models
+from fttw_jax import config as config_lib
+
+AXIS = 'data'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+# ------------------------------------------------------------------ setup
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D mesh over ``devices`` (default: all). Auto axes: all computation happens
+  inside shard_map, which states its own in/out partitioning, so nothing relies
+  on sharding-in-types; arrays are still placed with explicit NamedShardings."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def param_labels(params):
+  """'heads' for every mask predictor head parameter, 'backbone' for the rest."""
+  return jax.tree.map_with_path(
+      lambda path, _: 'heads' if models.is_head_path(path) else 'backbone', params)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  if opt.schedule == 'constant':
+    return optax.constant_schedule(opt.learning_rate)
+  if opt.schedule == 'cosine':
+    return optax.cosine_decay_schedule(opt.learning_rate, max(total_steps, 1))
+  # PyTorch MultiStepLR: multiply by decay_factor at the start of each listed epoch.
+  return optax.piecewise_constant_schedule(
+      opt.learning_rate, {int(e) * steps_per_epoch: opt.decay_factor for e in opt.decay_epochs})
+
+
+def sgd(opt: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+  """PyTorch SGD: coupled L2 (g + wd * p), then momentum, then -lr."""
+  return optax.chain(
+      optax.add_decayed_weights(opt.weight_decay) if opt.weight_decay else optax.identity(),
+      optax.sgd(learning_rate_schedule(opt, steps_per_epoch, total_steps),
+                momentum=opt.momentum or None))
+
+
+def create_optimizer(config, steps_per_epoch: int, total_steps: int):
+  """Separate optax transforms for the backbone and the heads (SPEC 6)."""
+  return optax.partition(
+      {'backbone': sgd(config.optimizer, steps_per_epoch, total_steps),
+       'heads': sgd(config.head_optimizer, steps_per_epoch, total_steps)},
+      param_labels)
+
+
+def create_train_state(rng, model, tx, image_shape, mesh) -> TrainState:
+  """Initialise params and batch_stats (jitted: eager init is slow) and the optimizer."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  params = variables['params']
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}),
+                     opt_state=tx.init(params))
+  return replicate(state, mesh)
+
+
+# ------------------------------------------------------------------ steps
+
+def _per_example_stats(logits, labels, gates, prof):
+  """Per-example values every metric is a (weighted) mean of."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top5 = jnp.argsort(-logits, axis=-1)[:, :5]
+  stats = {
+      'ce_loss': ce,
+      'top1': (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+      'top5': jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32),
+  }
+  if gates:
+    stats['mask_loss'] = ftwt.per_sample_mask_loss(gates)
+    stats.update(ftwt.per_sample_mask_stats(gates))
+    stats['macs_exact'] = flops.exact_macs(prof, gates)
+    stats['macs_paper'] = flops.paper_macs(prof, gates)
+  return stats
+
+
+def _mean_over_devices(tree, weight=None):
+  return jax.lax.pmean(jax.tree.map(lambda v: ftwt.weighted_mean(v, weight), tree), AXIS)
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_epoch: int,
+               head_init: bool = False):
+  """One SGD step on one device's slice (wrapped in shard_map by ``make_train_step``).
+
+  Loss = CE + w(epoch) * mask loss; after the cooldown w = 0 and the heads'
+  updates are zeroed (frozen, as in the reference where they get no gradient).
+  ``head_init``: fit only the heads to all-on targets (BN in eval mode, no CE).
+  """
+  images = data.normalize(batch['image'], config.dataset)
+  labels = batch['label']
+  epoch = state.step // steps_per_epoch
+  w = ftwt.mask_loss_weight(epoch, config.num_epochs, config.cooldown)
+  if head_init:
+    w = jnp.ones(())
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    if head_init:
+      (logits, aux), new_model_state = model.apply(variables, images, train=False), {}
+    else:
+      (logits, aux), new_model_state = model.apply(variables, images, train=True,
+                                                   mutable=['batch_stats'])
+    gates = aux['gates']
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    mask_loss = ftwt.mask_loss(gates)
+    loss = w * mask_loss if head_init else ce + w * mask_loss
+    # Mean over the global batch. Params enter shard_map replicated, so their
+    # gradient is the (device-invariant) gradient of this global mean.
+    return jax.lax.pmean(loss, AXIS), (logits, gates, new_model_state)
+
+  (loss, (logits, gates, new_model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  head_scale = jnp.where(w > 0, 1.0, 0.0)
+  updates = jax.tree.map_with_path(
+      lambda p, u: u * head_scale if models.is_head_path(p) else u, updates)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(
+      step=state.step + (0 if head_init else 1), params=params, opt_state=opt_state,
+      batch_stats=new_model_state.get('batch_stats', state.batch_stats))
+  metrics = _mean_over_devices(_per_example_stats(logits, labels, gates, prof))
+  metrics['loss'] = loss
+  metrics['mask_loss_weight'] = w
+  return new_state, metrics
+
+
+def eval_step(variables, batch, *, model, config, prof):
+  """Per-example eval statistics of one device's slice, with the padding weight."""
+  images = data.normalize(batch['image'], config.dataset)
+  logits, aux = model.apply(variables, images, train=False)
+  return _per_example_stats(logits, batch['label'], aux['gates'], prof), batch['mask']
+
+
+def make_train_step(mesh, **kwargs):
+  step = functools.partial(train_step, **kwargs)
+  donate = (0,) if jax.default_backend() != 'cpu' else ()  # CPU cannot donate: no warning
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=(P(), P())), donate_argnums=donate)
+
+
+def make_eval_step(mesh, **kwargs):
+  step = functools.partial(eval_step, **kwargs)
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
+def evaluate(eval_fn, variables, batches, mesh, prof, gated: bool) -> dict:
+  """One pass over ``batches``: weighted means of every per-example statistic."""
+  sums, count = None, 0.0
+  for batch in batches:
+    stats, weight = multihost_utils.process_allgather(
+        eval_fn(variables, data.shard_batch(batch, mesh)), tiled=True)
+    weight = np.asarray(weight, np.float64)
+    batch_sums = jax.tree.map(lambda v: np.sum(np.asarray(v, np.float64) * weight), stats)
+    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+    count += float(weight.sum())
+  if sums is None:
+    raise ValueError('the evaluation split yielded no batch')
+  means = jax.tree.map(lambda v: float(v / max(count, 1.0)), sums)
+  return summarize(means, prof, gated, int(count))
+
+
+def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int) -> dict:
+  """The eval JSON: accuracy, losses, FLOPs (exact and paper), per-layer stats."""
+  dense = flops.dense_macs(prof)
+  out = {'num_examples': num_examples, 'top1': means['top1'], 'top5': means['top5'],
+         'ce_loss': means['ce_loss'], 'dense_macs': dense, 'params': prof.params,
+         'head_macs': prof.head_macs if gated else 0,
+         'head_params': prof.head_params if gated else 0}
+  if gated:
+    out.update(
+        loss=means['ce_loss'] + means['mask_loss'], mask_loss=means['mask_loss'],
+        mask_accuracy=means['mask_accuracy'], active_ratio=means['active_ratio'],
+        macs_exact=means['macs_exact'], macs_paper=means['macs_paper'],
+        flops_reduction_exact=1.0 - means['macs_exact'] / dense,
+        flops_reduction_paper=1.0 - means['macs_paper'] / dense)
+  else:
+    out.update(loss=means['ce_loss'], macs_exact=float(dense), macs_paper=float(dense),
+               flops_reduction_exact=0.0, flops_reduction_paper=0.0)
+  return out
+
+
+# ------------------------------------------------------------------ loop helpers
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop checkpoints after the current step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no preemption support
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM received: checkpointing after the current step.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_resumable(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                    where) -> None:
+  """A workdir holds one experiment: refuse to continue it with another model."""
+  keys = ('model', 'width', 'dataset', 'stage')
+  diff = {k: (stored.get(k), config.get(k)) for k in keys if stored.get(k) != config.get(k)}
+  if diff:
+    details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+    raise ValueError(
+        f'{where} holds a checkpoint of another experiment ({details}). Use a new '
+        '--workdir; the existing checkpoint was left untouched.')
+
+
+def split_heads(params) -> tuple[dict, dict]:
+  """(backbone params, head params) as two nested dicts of the same layout."""
+  flat = flax.traverse_util.flatten_dict(params)
+  is_head = lambda k: models.gating.HEAD_NAME in k
+  unflat = flax.traverse_util.unflatten_dict
+  return (unflat({k: v for k, v in flat.items() if not is_head(k)}),
+          unflat({k: v for k, v in flat.items() if is_head(k)}))
+
+
+def merge_heads(backbone, heads) -> dict:
+  flat = flax.traverse_util.flatten_dict(backbone)
+  flat.update(flax.traverse_util.flatten_dict(heads))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def load_backbone(init_from: str, state: TrainState, mesh) -> TrainState:
+  """Backbone params and BN stats from a baseline checkpoint; heads stay fresh."""
+  backbone, heads = split_heads(jax.device_get(state.params))
+  target = {'params': backbone, 'batch_stats': jax.device_get(state.batch_stats)}
+  variables, _, meta, step = checkpoint.restore_variables(init_from, 'latest', target=target)
+  logging.info('init_from %s: backbone of step %d (%s)', init_from, step, meta.get('stage'))
+  return replicate(state.replace(params=merge_heads(variables['params'], heads),
+                                 batch_stats=variables['batch_stats']), mesh)
+
+
+def _log_label_tree(params):
+  labels = param_labels(params)
+  counts = {}
+  for path, label in jax.tree.leaves_with_path(labels):
+    counts.setdefault(label, []).append(jax.tree_util.keystr(path))
+  for label, paths in sorted(counts.items()):
+    shown = ', '.join(paths[:4]) + (', ...' if len(paths) > 4 else '')
+    logging.info('optimizer %r trains %d parameter arrays: %s', label, len(paths), shown)
+
+
+class MetricsWriter:
+  """clu writers: every series to TensorBoard; the console gets the scalars that a
+  person follows (per-layer active ratios would flood it). Only process 0 writes."""
+
+  def __init__(self, workdir, enabled: bool = True):
+    self.enabled = enabled
+    self.console = metric_writers.LoggingWriter() if enabled else metric_writers.MultiWriter([])
+    self.tensorboard = (metric_writers.SummaryWriter(str(workdir)) if enabled
+                        else metric_writers.MultiWriter([]))
+
+  def write(self, step: int, metrics: dict, prefix: str) -> None:
+    if not self.enabled:
+      return
+    flat, brief = {}, {}
+    for k, v in metrics.items():
+      if isinstance(v, dict):
+        flat.update({f'{prefix}{k}/{kk}': vv for kk, vv in v.items()})
+      else:
+        flat[f'{prefix}{k}'] = brief[f'{prefix}{k}'] = v
+    self.tensorboard.write_scalars(step, flat)
+    self.console.write_scalars(step, brief)
+
+  def flush(self):
+    if self.enabled:
+      self.tensorboard.flush()
+
+
+def write_eval_json(workdir, step: int, result: dict) -> epath.Path:
+  path = epath.Path(workdir) / 'eval' / f'{step}.json'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2, sort_keys=True))
+  return path
+
+
+# ------------------------------------------------------------------ main loop
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train (resuming from ``workdir`` if it holds a checkpoint) and evaluate each epoch.
+
+  Returns the last evaluation result.
+  """
+  config_lib.validate(config)
+  workdir = checkpoint.as_path(workdir)
+  info = data.get_info(config.dataset)
+  data_dir = config.data_dir or None
+  mesh = make_mesh()
+  gated = config.stage == 'ftwt'
+
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
+                     f'device count {jax.device_count()}')
+  steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(f'config.batch_size={config.batch_size} exceeds the {info.num_train} '
+                     f'training examples of {config.dataset}')
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+
+  model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=AXIS)
+  eval_model = config_lib.model_from_config(config, info.num_classes)
+  image_shape = (info.image_size, info.image_size, 3)
+  prof = flops.profile(eval_model, (1, *image_shape))
+  tx = create_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
+
+  latest_mgr, best_mgr = checkpoint.create_managers(workdir, config.max_checkpoints)
+  start_step = latest_mgr.latest_step()
+  if start_step is not None:  # check before building anything else or writing logs
+    stored, _, _ = checkpoint.read_config(workdir / 'checkpoints', start_step)
+    check_resumable(stored, config, workdir)
+  # Iterator first: a missing dataset fails before any compile or write.
+  train_iter = data.create_train_iterator(
+      config.dataset, config.batch_size, seed=config.seed,
+      start_step=start_step or 0, data_dir=data_dir)
+
+  # An 'rbg' key: threefry-based init takes ~10x longer to compile on CPU.
+  state = create_train_state(jax.random.key(config.seed, impl='rbg'), model, tx, image_shape,
+                             mesh)
+  is_main = jax.process_index() == 0
+  writer = MetricsWriter(workdir, enabled=is_main)
+  if is_main:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  _log_label_tree(state.params)
+  logging.info('%s: %d steps/epoch, %d steps, %d devices, dense MACs %s, heads %s',
+               config.model, steps_per_epoch, total_steps, jax.device_count(),
+               f'{prof.macs:,}', f'{prof.head_macs:,}' if gated else 0)
+
+  meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
+          'stage': config.stage}
+  if start_step is not None:
+    variables, opt_state, stored_meta = checkpoint.restore_train(
+        latest_mgr, start_step, jax.device_get(state.variables),
+        jax.device_get(state.opt_state))
+    state = replicate(state.replace(step=jnp.asarray(start_step, jnp.int32),
+                                    params=variables['params'],
+                                    batch_stats=variables['batch_stats'],
+                                    opt_state=opt_state), mesh)
+    logging.info('resumed from %s at step %d', workdir / 'checkpoints', start_step)
+  else:
+    if config.init_from:
+      state = load_backbone(config.init_from, state, mesh)
+    if gated and config.head_init == 'ones':
+      state = _fit_heads_to_ones(state, config, model, prof, mesh, data_dir,
+                                 steps_per_epoch)
+  step_fn = make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
+                            steps_per_epoch=steps_per_epoch)
+  eval_fn = make_eval_step(mesh, model=eval_model, config=config, prof=prof)
+
+  def run_eval(step):
+    batches = data.create_eval_iterator(
+        config.dataset, config.batch_size, data_dir=data_dir,
+        max_examples=config.eval_max_examples if config.eval_max_examples > 0 else None)
+    result = evaluate(eval_fn, state.variables, batches, mesh, prof, gated)
+    result.update(step=step, epoch=step / steps_per_epoch, **meta)
+    if is_main:
+      write_eval_json(workdir, step, result)
+    writer.write(step, {k: v for k, v in result.items() if not isinstance(v, str)}, 'eval/')
+    return result
+
+  def save(step, result=None, force=False):
+    m = dict(meta, step=step, epoch=step // steps_per_epoch)
+    host_vars, host_opt = jax.device_get(state.variables), jax.device_get(state.opt_state)
+    checkpoint.save(latest_mgr, step, host_vars, host_opt, config, m, force=force)
+    if result is not None:
+      checkpoint.save(best_mgr, step, host_vars, host_opt, config, m,
+                      metrics={'top1': result['top1']})
+
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.console)
+  step = int(jax.device_get(state.step))
+  pending, result = [], None
+  with _Preemption() as preemption:
+    while step < total_steps:
+      batch = data.shard_batch(next(train_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      report(step)
+      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or end_of_epoch or preemption.requested:
+        _flush(writer, pending)
+        pending = []
+      if preemption.requested:
+        save(step, force=True)
+        latest_mgr.wait_until_finished()
+        logging.warning('preempted: checkpoint written at step %d; exiting.', step)
+        result = {'preempted_at_step': step}
+        break
+      epoch = step // steps_per_epoch
+      if end_of_epoch:
+        do_eval = epoch % config.eval_every_epochs == 0 or step == total_steps
+        result = run_eval(step) if do_eval else None
+        if result is not None:
+          logging.info('step %d epoch %d: top1 %.4f loss %.4f exact FLOPs reduction %.4f',
+                       step, epoch, result['top1'], result['loss'],
+                       result['flops_reduction_exact'])
+        if epoch % config.checkpoint_every_epochs == 0 or step == total_steps:
+          save(step, result)
+  latest_mgr.wait_until_finished()
+  best_mgr.wait_until_finished()
+  writer.flush()
+  return result
+
+
+def _flush(writer, pending):
+  """Fetch queued step metrics, stop on a non-finite loss (naming the step), log means."""
+  host = jax.device_get([m for _, m in pending])
+  for (step, _), m in zip(pending, host):
+    if not np.isfinite(m['loss']):
+      raise FloatingPointError(
+          f'non-finite training loss {float(m["loss"])} at step {step}; stopping. '
+          'The last checkpoint before it is intact.')
+  means = jax.tree.map(lambda *v: float(np.mean(v)), *host)
+  writer.write(pending[-1][0], means, 'train/')
+
+
+def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch):
+  """SPEC 4 head_init='ones': one pass fitting only the heads to all-on masks."""
+  ones_model = model.clone(gate=config_lib.gate_config(config, criterion='mass',
+                                                       threshold=-1.0))
+  heads_only = optax.partition(
+      {'backbone': optax.set_to_zero(),
+       'heads': sgd(config.head_optimizer, steps_per_epoch, steps_per_epoch)}, param_labels)
+  init_state = replicate(state.replace(opt_state=heads_only.init(state.params)), mesh)
+  step_fn = make_train_step(mesh, model=ones_model, tx=heads_only, config=config, prof=prof,
+                            steps_per_epoch=steps_per_epoch, head_init=True)
+  it = data.create_train_iterator(config.dataset, config.batch_size, seed=config.seed + 1,
+                                  data_dir=data_dir)
+  start = time.time()
+  for _ in range(steps_per_epoch):
+    init_state, metrics = step_fn(init_state, data.shard_batch(next(it), mesh))
+  logging.info('head_init=ones: %d steps in %.1fs, mask loss %.4f', steps_per_epoch,
+               time.time() - start, float(metrics['mask_loss']))
+  return state.replace(params=init_state.params)
