@@ -1,0 +1,68 @@
+"""Every experiment config loads, validates, and matches its SPEC 7 row."""
+
+import importlib.util
+import re
+
+import pytest
+from etils import epath
+
+from fttw_jax import config as config_lib
+
+CONFIGS = sorted((epath.Path(__file__).parent.parent / 'configs').glob('*.py'))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_validates(path):
+  c = load(path)
+  config_lib.validate(c)
+  smoke = load(path, 'smoke' if path.name != 'default.py' else 'ftwt,smoke')
+  config_lib.validate(smoke)
+  assert 0 < smoke.max_steps <= 4
+
+
+def test_paper_rows_have_configs():
+  rows = {  # SPEC 7: (dataset, model, r, mode)
+      ('cifar10', 'vgg16_bn', 0.92, 'joint'), ('cifar10', 'vgg16_bn', 0.92, 'decoupled'),
+      ('cifar10', 'vgg16_bn', 0.85, 'decoupled'), ('cifar10', 'vgg16_bn', 0.88, 'joint'),
+      ('cifar10', 'resnet56', 0.80, 'decoupled'), ('cifar10', 'resnet56', 0.88, 'joint'),
+      ('cifar10', 'mobilenet_v1', 1.0, 'decoupled'), ('cifar10', 'mobilenet_v1', 1.0, 'joint'),
+      ('imagenet2012', 'resnet34', 0.97, 'decoupled'),
+      ('imagenet2012', 'resnet34', 0.95, 'decoupled'),
+      ('imagenet2012', 'resnet34', 0.93, 'decoupled'),
+      ('imagenet2012', 'resnet34', 0.92, 'decoupled'),
+      ('imagenet2012', 'resnet18', 0.91, 'decoupled'),
+      ('imagenet2012', 'mobilenet_v1_imagenet', 1.0, 'decoupled')}
+  dense = {('cifar10', m) for m in ('vgg16_bn', 'resnet56', 'mobilenet_v1')} | {
+      ('imagenet2012', m) for m in ('resnet34', 'resnet18', 'mobilenet_v1_imagenet')}
+  found_rows, found_dense = set(), set()
+  for path in CONFIGS:
+    c = load(path)
+    if c.stage == 'ftwt':
+      found_rows.add((c.dataset, c.model, c.gate.threshold, c.gate.mode))
+    else:
+      found_dense.add((c.dataset, c.model))
+  assert rows <= found_rows
+  assert dense <= found_dense
+
+
+def test_cifar_ftwt_recipe_matches_spec():
+  c = load(epath.Path(__file__).parent.parent / 'configs' / 'cifar10_resnet56_r0.80_decoupled.py')
+  assert (c.stage, c.num_epochs, c.batch_size, c.cooldown) == ('ftwt', 200, 128, 0.5)
+  assert (c.optimizer.learning_rate, c.optimizer.momentum, c.optimizer.weight_decay) == (
+      0.01, 0.9, 5e-4)
+  assert tuple(c.optimizer.decay_epochs) == (81, 122, 151)
+  assert (c.head_optimizer.learning_rate, c.head_optimizer.weight_decay,
+          c.head_optimizer.schedule) == (0.1, 0.0, 'constant')
+  assert c.init_from == 'workdirs/cifar10_resnet56_dense'
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match=r"variant.*'tiny'"):
+    load(epath.Path(__file__).parent.parent / 'configs' / 'cifar10_resnet56_dense.py', 'tiny')
