@@ -1,0 +1,105 @@
+"""Research API: a trained checkpoint as a callable model (issue 5).
+
+  from fttw_jax import api
+  m = api.load('workdirs/digits_ftwt')        # or a checkpoints/<step> directory
+  logits, aux = m(images)                     # uint8 NHWC; normalised inside
+  masks = m.masks(images)                     # {layer: (N, C) 0/1}, execution order
+  macs = m.flops(images)                      # (N,) exact MACs per sample
+
+The config comes from the checkpoint itself, so nothing has to be repeated;
+restoring checks every parameter shape against the model that config builds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fttw_jax import data, evaluate, flops
+
+
+def _forward(model, dataset, prof, variables, images):
+  """Normalise, run in eval mode, and count per-sample MACs both ways."""
+  logits, aux = model.apply(variables, data.normalize(images, dataset), train=False)
+  gates = aux['gates']
+  n = logits.shape[0]
+  if gates:
+    macs = {'exact': flops.exact_macs(prof, gates), 'paper': flops.paper_macs(prof, gates)}
+  else:
+    dense = jnp.full((n,), float(flops.dense_macs(prof)), jnp.float32)
+    macs = {'exact': dense, 'paper': dense}
+  return logits, aux, macs
+
+
+class Model:
+  """A restored checkpoint: ``m(x)``, ``m.masks(x)``, ``m.flops(x)``, ``m.forward(x)``.
+
+  Attributes: ``config`` (stored with the checkpoint), ``variables``, ``model``
+  (the Flax module, eval mode), ``profile`` (flops.Profile), ``step``, ``path``
+  (the step directory), ``meta``.
+  """
+
+  def __init__(self, restored: evaluate.Restored, sparse: bool = False):
+    self.config = restored.config
+    self.variables = restored.variables
+    self.model = restored.model
+    self.profile = restored.profile
+    self.step = restored.step
+    self.path = restored.path
+    self.meta = restored.meta
+    self._fn = jax.jit(functools.partial(_forward, self.model, self.config.dataset,
+                                         self.profile))
+    self._sparse = _sparse_model(self.model, self.variables) if sparse else None
+
+  def forward(self, images):
+    """(logits, aux, {"exact", "paper"}: (N,) MACs) in one jitted call."""
+    return self._fn(self.variables, jnp.asarray(images))
+
+  def __call__(self, images):
+    """(logits (N, classes), aux) for raw uint8 (N, H, W, 3) images.
+
+    With ``sparse=True`` a batch of one runs the sparse kernels
+    (``fttw_jax.sparse``); its ``aux['gates']`` then holds 'logits' and 'mask'.
+    """
+    if self._sparse is not None and jnp.shape(images)[0] == 1:
+      logits, gates = self._sparse(data.normalize(images, self.config.dataset))
+      return logits, {'gates': gates}
+    logits, aux, _ = self.forward(images)
+    return logits, aux
+
+  def masks(self, images) -> dict:
+    """{layer: (N, C) applied mask}, layers in execution order; {} for a baseline."""
+    gates = self.forward(images)[1]['gates']
+    return {l.name: gates[l.name]['mask'] for l in self.profile.masked if l.name in gates}
+
+  def flops(self, images, accounting: str = 'exact') -> jax.Array:
+    """(N,) MACs per sample: 'exact' (SPEC 5, heads included) or 'paper'."""
+    if accounting not in ('exact', 'paper'):
+      raise ValueError(f"accounting={accounting!r} is invalid; valid: 'exact', 'paper'")
+    return self.forward(images)[2][accounting]
+
+  def __repr__(self):
+    c = self.config
+    return (f'Model({c.model} x{c.width} on {c.dataset}, stage {c.stage}, step {self.step}, '
+            f'{self.path})')
+
+
+def _sparse_model(model, variables):
+  """The batch-1 sparse runner, or a clear error when this model cannot use it."""
+  try:
+    from fttw_jax import sparse
+  except ImportError as e:
+    raise ValueError(f'sparse=True needs fttw_jax.sparse, which failed to import: {e}') from e
+  return sparse.SparseModel.from_variables(model, variables)
+
+
+def load(path, which: str | int = 'best', sparse: bool = False) -> Model:
+  """Restore a workdir's (or a checkpoint directory's) variables as a ``Model``.
+
+  ``which``: 'best' (by eval top-1; the latest if no eval has run), 'latest',
+  or a step. A path without a checkpoint raises FileNotFoundError; a
+  checkpoint whose arrays do not fit its config raises ValueError.
+  """
+  return Model(evaluate.restore(path, which), sparse=sparse)

@@ -1,0 +1,191 @@
+"""Evaluate a stored checkpoint: accuracy, FLOPs reduction, per-layer stats (issue 5).
+
+``evaluate_checkpoint`` restores variables only (no optimizer state) onto the
+shapes of the model its config describes, so a checkpoint of another model is
+a clear error rather than a partial load, runs the training code's sharded
+eval step over the whole test split, writes ``W/eval/<step>.json`` and prints
+a table. ``restore`` is the shared loading step of evaluation, the research
+API (``fttw_jax.api``) and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from fttw_jax import checkpoint, data, flops, train
+from fttw_jax import config as config_lib
+
+EXPERIMENT_KEYS = ('model', 'width', 'dataset', 'stage')
+# Fields that change the forward pass without changing any parameter shape.
+FORWARD_KEYS = ('dtype', 'gate.pool', 'gate.softmax', 'gate.mode', 'gate.criterion',
+                'gate.threshold', 'gate.gt_after_block')
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A checkpoint loaded onto the model its config builds (eval mode, no BN axis)."""
+  model: Any
+  variables: dict
+  config: ml_collections.ConfigDict
+  meta: dict
+  step: int
+  path: epath.Path          # the step directory
+  workdir: epath.Path       # the run directory holding checkpoints/ and best/
+  profile: flops.Profile
+  stored_config: ml_collections.ConfigDict  # as saved with the checkpoint
+
+  @property
+  def gated(self) -> bool:
+    return self.config.stage == 'ftwt'
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    node = node.get(part) if node is not None else None
+  return node
+
+
+def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
+                          forward_keys=FORWARD_KEYS) -> None:
+  """The user's --config must describe the network that was trained.
+
+  Model, width, dataset and stage decide the parameter tree, so a difference
+  is an error; forward-only options (gate pool, threshold, ...) are honoured
+  but logged, since they change what is measured.
+  """
+  diff = {k: (stored.get(k), config.get(k)) for k in keys
+          if stored.get(k) != config.get(k)}
+  if diff:
+    details = ', '.join(f'{k}: checkpoint {a!r} vs --config {b!r}' for k, (a, b) in diff.items())
+    raise ValueError(
+        f'--config disagrees with the config stored with the checkpoint in {where} '
+        f'({details}). Pass the config the run was trained with (it is saved in '
+        f'{where}/config.json).')
+  for key in forward_keys:
+    a, b = _get(stored, key), _get(config, key)
+    if a is not None and a != b:
+      logging.warning('evaluating with --config %s=%r; the checkpoint was trained with %r',
+                      key, b, a)
+
+
+def variable_shapes(model, image_shape) -> dict:
+  """{'params', 'batch_stats'} as ShapeDtypeStructs: restore targets, no compile."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl='rbg'), x, train=False), x)
+  return {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+
+
+def restore(path, which: str | int = 'best', config=None) -> Restored:
+  """Load a checkpoint of a workdir (or a checkpoint directory) for evaluation.
+
+  ``config`` (optional) is checked against the stored one and then used to
+  build the model; by default the stored config is used.
+  """
+  root, step = checkpoint.resolve(path, which)
+  stored, meta, _ = checkpoint.read_config(root / str(step))
+  workdir = root.parent
+  if config is None:
+    config = stored
+  else:
+    check_same_experiment(stored, config, workdir)
+  config_lib.validate(config)
+  num_classes = int(meta.get('num_classes') or data.get_info(config.dataset).num_classes)
+  model = config_lib.model_from_config(config, num_classes)
+  size = data.get_info(config.dataset).image_size
+  target = variable_shapes(model, (size, size, 3))
+  variables, _, meta, step = checkpoint.restore_variables(root / str(step), target=target)
+  prof = flops.profile(model, (1, size, size, 3))
+  return Restored(model, variables, config, meta, step, root / str(step), workdir, prof, stored)
+
+
+def evaluate_restored(r: Restored, max_examples: int | None = None) -> dict:
+  """The eval dict of ``train.summarize`` over the test split (or its prefix)."""
+  mesh = train.make_mesh()
+  config = r.config
+  eval_fn = train.make_eval_step(mesh, model=r.model, config=config, prof=r.profile)
+  batches = data.create_eval_iterator(config.dataset, config.batch_size,
+                                      data_dir=config.data_dir or None,
+                                      max_examples=max_examples)
+  result = train.evaluate(eval_fn, train.replicate(r.variables, mesh), batches, mesh,
+                          r.profile, r.gated)
+  # Epochs as training counted them (its batch size, not the eval one).
+  steps_per_epoch = data.steps_per_epoch(config.dataset, r.stored_config.batch_size)
+  result.update(step=r.step, epoch=r.step / max(steps_per_epoch, 1), checkpoint=str(r.path),
+                model=config.model, width=config.width, dataset=config.dataset,
+                num_classes=int(r.meta.get('num_classes', 0)), stage=config.stage)
+  if r.gated:
+    result['active_ratio'] = ordered_ratios(result['active_ratio'], r.profile)
+  return result
+
+
+def ordered_ratios(ratios: dict, prof: flops.Profile) -> dict:
+  """Per-layer values in execution order, as tables and plots show them."""
+  order = [l.name for l in prof.masked if l.name in ratios]
+  return {name: ratios[name] for name in order}
+
+
+def evaluate_checkpoint(config, workdir, which: str | int = 'best', *,
+                        max_examples: int | None = None, quiet: bool = False) -> dict:
+  """Restore ``workdir``'s checkpoint, evaluate it, write ``eval/<step>.json``, print a table.
+
+  ``config`` may be None (use the stored one); ``which`` is 'best', 'latest' or
+  a step (an int or a string of digits, as the --checkpoint flag gives it).
+  """
+  which = int(which) if str(which).isdigit() else which
+  r = restore(workdir, which, config)
+  result = evaluate_restored(r, max_examples)
+  if jax.process_index() == 0:
+    path = train.write_eval_json(r.workdir, r.step, result)
+    if not quiet:
+      print(format_table(result, r.profile))
+      print(f'\nwritten: {path}')
+  return result
+
+
+def _fmt_macs(v) -> str:
+  return f'{v / 1e6:,.3f} M' if v >= 1e5 else f'{v:,.0f}'
+
+
+def format_table(result: dict, prof: flops.Profile | None = None) -> str:
+  """Overall numbers, then per-layer active ratio with a text bar."""
+  pct = lambda v: f'{100 * v:.2f} %'
+  rows = [
+      ('checkpoint', f"{result.get('checkpoint', '?')} (step {result.get('step', '?')})"),
+      ('model', f"{result.get('model')} x{result.get('width')} on {result.get('dataset')}, "
+                f"stage {result.get('stage')}"),
+      ('examples', f"{result['num_examples']:,}"),
+      ('top-1', pct(result['top1'])),
+      ('top-5', pct(result['top5'])),
+      ('loss (CE)', f"{result['ce_loss']:.4f}"),
+  ]
+  if 'mask_accuracy' in result:
+    rows += [('mask loss', f"{result['mask_loss']:.4f}"),
+             ('mask accuracy', pct(result['mask_accuracy']))]
+  rows += [
+      ('dense MACs', _fmt_macs(result['dense_macs'])),
+      ('mean MACs exact', _fmt_macs(result['macs_exact'])),
+      ('mean MACs paper', _fmt_macs(result['macs_paper'])),
+      ('FLOPs reduction exact', pct(result['flops_reduction_exact'])),
+      ('FLOPs reduction paper', pct(result['flops_reduction_paper'])),
+      ('params', f"{result['params']:,}"),
+      ('head MACs / params', f"{result['head_macs']:,} / {result['head_params']:,}"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  lines = [f'{k.ljust(width)}  {v}' for k, v in rows]
+  ratios = result.get('active_ratio') or {}
+  if ratios:
+    if prof is not None:
+      ratios = ordered_ratios(ratios, prof)
+    name_w = max(len(n) for n in ratios)
+    lines += ['', f"{'layer'.ljust(name_w)}  active  ", '-' * (name_w + 32)]
+    for name, v in ratios.items():
+      lines.append(f'{name.ljust(name_w)}  {v:6.3f}  ' + '#' * int(round(20 * v)))
+  return '\n'.join(lines)

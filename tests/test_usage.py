@@ -1,0 +1,252 @@
+"""Using a trained workdir: evaluate, estimate, report and the research API (issue 5).
+
+One module-scoped pair of tiny runs (ResNet-8 x0.25 on digits, a few steps):
+a dense baseline and an FTWT run started from it.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fttw_jax import api, checkpoint, data, estimate, evaluate, flops, paper_results, report
+from fttw_jax import config as config_lib
+from fttw_jax import train
+from test_train import loop_config
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def run_config(data_dir, **overrides):
+  defaults = {'max_steps': 3, 'num_epochs': 2, 'batch_size': 64, 'eval_max_examples': 64,
+              'log_every_steps': 1}
+  return loop_config(data_dir, **{**defaults, **overrides})
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('usage')
+  data_dir = str(root / 'tfds')
+  dense, ftwt = root / 'dense', root / 'ftwt'
+  train.train_and_evaluate(run_config(data_dir, stage='baseline', max_steps=66, num_epochs=3,
+                                      **{'optimizer.learning_rate': 0.1}), dense)
+  # head_init='ones' and a small backbone lr: masks and accuracy are not degenerate.
+  train.train_and_evaluate(run_config(data_dir, init_from=str(dense), head_init='ones',
+                                      batch_size=128, **{'optimizer.learning_rate': 0.005}),
+                           ftwt)
+  return {'root': root, 'data_dir': data_dir, 'dense': dense, 'ftwt': ftwt}
+
+
+def api_pass(m):
+  """Full test split through the research API: (labels, logits, exact MACs, masks)."""
+  labels, logits, macs, masks = [], [], [], []
+  cfg = m.config
+  for batch in data.create_eval_iterator(cfg.dataset, 120, data_dir=cfg.data_dir):
+    keep = batch['mask'] > 0
+    out, aux = m(batch['image'])
+    labels.append(batch['label'][keep])
+    logits.append(np.asarray(out)[keep])
+    macs.append(np.asarray(m.flops(batch['image']))[keep])
+    masks.append({k: np.asarray(v)[keep] for k, v in m.masks(batch['image']).items()})
+  cat = lambda xs: np.concatenate(xs)
+  return (cat(labels), cat(logits), cat(macs),
+          {k: cat([b[k] for b in masks]) for k in masks[0]})
+
+
+# ------------------------------------------------------------------ evaluate
+
+def test_evaluate_json_matches_a_direct_computation(runs, capsys):
+  result = evaluate.evaluate_checkpoint(None, runs['ftwt'], 'latest')
+  printed = capsys.readouterr().out
+  step = result['step']
+  stored = json.loads((runs['ftwt'] / 'eval' / f'{step}.json').read_text())
+  assert stored == json.loads(json.dumps(result))
+  assert result['num_examples'] == data.get_info('digits').num_eval  # the whole test split
+  for key in ('top1', 'top5', 'loss', 'mask_accuracy', 'active_ratio', 'macs_exact',
+              'macs_paper', 'flops_reduction_exact', 'flops_reduction_paper', 'params',
+              'head_macs', 'head_params'):
+    assert key in result, key
+
+  m = api.load(runs['ftwt'], 'latest')
+  labels, logits, macs, masks = api_pass(m)
+  assert result['top1'] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-9)
+  assert result['macs_exact'] == pytest.approx(macs.mean(), rel=1e-6)
+  dense = flops.dense_macs(m.profile)
+  assert result['flops_reduction_exact'] == pytest.approx(1 - macs.mean() / dense, rel=1e-6)
+  assert list(result['active_ratio']) == [l.name for l in m.profile.masked]
+  for name, ratio in result['active_ratio'].items():
+    assert ratio == pytest.approx(masks[name].mean(), abs=1e-6)
+  assert result['head_macs'] == m.profile.head_macs > 0
+  # The table: overall numbers, then layers in execution order.
+  assert 'top-1' in printed and 'FLOPs reduction exact' in printed
+  names = [l.name for l in m.profile.masked]
+  positions = [printed.index(f'\n{n} ') for n in names]
+  assert positions == sorted(positions)
+
+
+def test_evaluate_baseline_has_no_reduction(runs, capsys):
+  result = evaluate.evaluate_checkpoint(None, runs['dense'], 'best', max_examples=64,
+                                        quiet=True)
+  assert result['flops_reduction_exact'] == 0.0 and 'mask_accuracy' not in result
+  assert result['macs_exact'] == result['dense_macs'] and result['head_macs'] == 0
+
+
+def test_evaluate_refuses_a_config_of_another_network(runs):
+  stored, _, _ = checkpoint.read_config(runs['ftwt'])
+  other = config_lib.base_config()
+  other.update_from_flattened_dict({k: v for k, v in stored.items() if not isinstance(v, dict)})
+  other.width = 0.5
+  with pytest.raises(ValueError, match=r'width: checkpoint 0.25 vs --config 0.5'):
+    evaluate.evaluate_checkpoint(other, runs['ftwt'], 'latest')
+
+
+# ------------------------------------------------------------------ estimate
+
+@pytest.fixture(scope='module')
+def estimated(runs):
+  config = run_config(runs['data_dir'], init_from=str(runs['dense']))
+  workdir = runs['root'] / 'estimate'
+  result = estimate.run(config, workdir, target_reduction=0.3, num_examples=96)
+  return config, workdir, result
+
+
+def test_estimate_is_monotone_in_r(estimated):
+  _, workdir, result = estimated
+  assert json.loads((workdir / 'estimate.json').read_text()) == json.loads(json.dumps(result))
+  points = {p['threshold']: p for p in result['sweep']}
+  rs = sorted(r for r in points if 0 <= r < 1)
+  for key in ('flops_reduction_exact', 'flops_reduction_paper'):
+    values = [points[r][key] for r in rs]
+    assert values == sorted(values, reverse=True), (key, values)
+  assert points[0.5]['flops_reduction_exact'] > points[0.97]['flops_reduction_exact'] + 0.1
+  assert result['num_examples'] == 96
+
+
+def test_estimate_keeping_every_channel_costs_the_heads(estimated):
+  _, _, result = estimated
+  keep_all = next(p for p in result['sweep'] if p['threshold'] < 0)
+  assert all(v == 1.0 for v in keep_all['active_ratio'].values())
+  # Convs: ~0 (only channels dead after ReLU are free); exact adds the heads: negative.
+  assert 0.0 <= keep_all['flops_reduction_exact_no_heads'] < 0.05
+  head_share = result['head_macs'] / result['dense_macs']
+  assert keep_all['flops_reduction_exact'] == pytest.approx(
+      keep_all['flops_reduction_exact_no_heads'] - head_share, abs=1e-6)
+  assert result['head_macs'] > 0
+
+
+def test_estimate_bisection_meets_the_budget(estimated):
+  _, _, result = estimated
+  search = result['search']
+  achieved = search['achieved']['flops_reduction_exact']
+  assert search['reachable'] and 0.3 <= achieved < 0.3 + 0.04
+  assert 0 < search['threshold'] < 1
+  assert len(search['evaluations']) <= 2 + estimate.BISECTION_STEPS
+
+
+def test_estimate_traced_threshold_equals_a_static_model(estimated, runs):
+  """The one-compile path (traced r) against a model built with a concrete r."""
+  config, workdir, result = estimated
+  info = data.get_info('digits')
+  model = config_lib.model_from_config(config, 10, mask_source='target', threshold=0.7)
+  variables, _, _ = estimate.restore_for_targets(str(runs['dense']), model, (32, 32, 3))
+  batch = next(data.create_eval_iterator('digits', 96, data_dir=runs['data_dir'],
+                                         split=info.train_split, max_examples=96))
+  _, aux = jax.jit(lambda v, x: model.apply(v, data.normalize(x, 'digits')))(
+      variables, batch['image'])
+  prof = flops.profile(model, (1, 32, 32, 3))
+  direct = 1 - float(jnp.mean(flops.exact_macs(prof, aux['gates']))) / flops.dense_macs(prof)
+  assert result['configured']['threshold'] == pytest.approx(0.7)
+  assert result['configured']['flops_reduction_exact'] == pytest.approx(direct, abs=1e-6)
+
+
+# ------------------------------------------------------------------ report
+
+def _check_png(path):
+  blob = path.read_bytes()
+  assert blob[:8] == PNG_SIGNATURE and len(blob) > 10_000, path
+
+
+def test_report_ftwt_writes_plots_and_markdown(runs):
+  md = report.write_report(runs['ftwt'])
+  pngs = sorted(md.parent.glob('*.png'))
+  assert {p.name for p in pngs} >= {'curves.png', 'active_ratio.png', 'accuracy_vs_flops.png',
+                                     'mask_heatmap.png'}
+  text = md.read_text()
+  for p in pngs:
+    _check_png(p)
+    assert f']({p.name})' in text
+  assert 'top-1' in text and 'FLOPs reduction, exact' in text
+  series = report.read_events(runs['ftwt'])
+  steps, _ = series['train/loss']
+  assert list(steps) == [1, 2, 3]
+
+
+def test_report_baseline_skips_mask_plots(runs):
+  md = report.write_report(runs['dense'], max_examples=64)
+  names = {p.name for p in md.parent.glob('*.png')}
+  assert names == {'curves.png', 'accuracy_vs_flops.png'}
+  for p in md.parent.glob('*.png'):
+    _check_png(p)
+  assert 'no masks' in md.read_text()
+
+
+def test_paper_results_cover_spec_section_7():
+  assert len(paper_results.RESULTS) == 20
+  assert paper_results.lookup('resnet56', 'cifar10', 0.80).flops_reduction == 66.0
+  assert paper_results.lookup('resnet34', 'imagenet2012', 0.93).top1 == 72.17
+  assert paper_results.matching('resnet56', 'cifar10', width=0.5) == ()
+
+
+# ------------------------------------------------------------------ research API
+
+def test_api_forward_masks_and_flops(runs):
+  m = api.load(runs['ftwt'], 'latest')
+  x = next(data.create_eval_iterator('digits', 8, data_dir=runs['data_dir']))['image']
+  logits, aux = m(x)
+  apply = jax.jit(lambda v, x: m.model.apply(v, data.normalize(x, 'digits'), train=False))
+  ref_logits, ref_aux = apply(m.variables, x)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  masks = m.masks(x)
+  assert list(masks) == [l.name for l in m.profile.masked]
+  for name, mask in masks.items():
+    np.testing.assert_array_equal(mask, ref_aux['gates'][name]['mask'])
+  macs = m.flops(x)
+  assert macs.shape == (8,)
+  np.testing.assert_allclose(macs, flops.exact_macs(m.profile, ref_aux['gates']), rtol=1e-6)
+  np.testing.assert_allclose(m.flops(x, 'paper'), flops.paper_macs(m.profile, ref_aux['gates']),
+                             rtol=1e-6)
+  assert m.config.model == 'resnet8' and m.config.stage == 'ftwt'
+
+
+def test_api_baseline_flops_are_dense(runs):
+  m = api.load(runs['dense'])
+  x = np.zeros((3, 32, 32, 3), np.uint8)
+  assert m.masks(x) == {}
+  np.testing.assert_array_equal(m.flops(x), np.full(3, flops.dense_macs(m.profile)))
+
+
+def test_api_errors(runs, tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint found'):
+    api.load(tmp_path)
+  # A checkpoint whose stored config describes another width than its arrays.
+  variables, config, meta, _ = checkpoint.restore_variables(runs['dense'])
+  config.width = 0.5
+  latest, _ = checkpoint.create_managers(tmp_path / 'bad')
+  checkpoint.save(latest, 1, variables, {'unused': np.zeros(1)}, config, meta)
+  latest.wait_until_finished()
+  with pytest.raises(ValueError, match='does not match the model built from the config'):
+    api.load(tmp_path / 'bad')
+
+
+def test_api_sparse_batch_of_one_matches_dense(runs):
+  m = api.load(runs['ftwt'], 'latest', sparse=True)
+  x = next(data.create_eval_iterator('digits', 4, data_dir=runs['data_dir']))['image']
+  dense_logits, dense_aux, _ = m.forward(x[:1])
+  logits, aux = m(x[:1])
+  np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-4)
+  for name, g in aux['gates'].items():
+    np.testing.assert_array_equal(g['mask'], dense_aux['gates'][name]['mask'])
+  with pytest.raises(ValueError, match='gated model'):
+    api.load(runs['dense'], sparse=True)
