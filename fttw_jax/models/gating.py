@@ -165,3 +165,33 @@ class GatedConv(nn.Module):
     out = finish(y * mask[:, None, None, :].astype(y.dtype))
     entry = {'logits': logits, 'target': target, 'mask': mask, 'in_nz': in_nz}
     return out, {'/'.join(self.scope.path): entry}
+
+
+class GatedNetwork(nn.Module):
+  """Options every backbone and block passes down to its gated convs."""
+  gate: GateConfig | None = None
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  def gated_conv(self, features: int, kernel_size: int = 3, strides: int = 1,
+                 **kwargs) -> GatedConv:
+    return GatedConv(features, kernel_size, strides, gate=self.gate, dtype=self.dtype,
+                     bn_axis_name=self.bn_axis_name, **kwargs)
+
+  def batch_norm(self, train: bool, name: str):
+    return batch_norm(train, self.bn_axis_name, self.dtype, name)
+
+
+class Backbone(GatedNetwork, kw_only=True):
+  """A registered model: ``__call__(x, train) -> (logits, {'gates': ...})``."""
+  num_classes: int
+  width: float = 1.0
+
+  def scaled(self, channels: int) -> int:
+    return max(1, int(round(channels * self.width)))
+
+  def classify(self, x, gates):
+    """Flatten, the (never masked) dense classifier, float32 logits and aux."""
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(
+        x.reshape(x.shape[0], -1))
+    return logits.astype(jnp.float32), {'gates': gates}
