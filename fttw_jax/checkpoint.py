@@ -33,7 +33,8 @@ def _handlers():
 
 
 def _reader(root) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  return ocp.CheckpointManager(root, options=options,
                                item_handlers=_handlers())
 
 
