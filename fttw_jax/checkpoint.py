@@ -33,8 +33,7 @@ def _handlers():
 
 
 def _reader(root) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(root, options=options,
+  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers=_handlers())
 
 
@@ -44,19 +43,31 @@ def as_path(path) -> epath.Path:
   return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def create_managers(workdir, max_to_keep: int = 3) -> tuple[ocp.CheckpointManager,
                                                              ocp.CheckpointManager]:
-  """(latest-N manager, best-by-top-1 manager) under ``workdir``."""
+  """(latest-N manager, best-by-top-1 manager) under ``workdir``.
+
+  Both save the same step at once; on several processes their barriers would
+  share names (``async_commit_complete.<step>``) and fail, so each gets its own
+  barrier key prefix.
+  """
   workdir = as_path(workdir)
   latest = ocp.CheckpointManager(
       workdir / 'checkpoints',
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=_barrier_prefix('checkpoints')),
       item_handlers=_handlers())
   best = ocp.CheckpointManager(
       workdir / 'best',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, best_fn=lambda m: m['top1'], best_mode='max',
-          keep_checkpoints_without_metrics=False),
+          keep_checkpoints_without_metrics=False,
+          multiprocessing_options=_barrier_prefix('best')),
       item_handlers=_handlers())
   return latest, best
 
