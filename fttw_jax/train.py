@@ -350,9 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = make_mesh()
   gated = config.stage == 'ftwt'
 
-  if config.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
-                     f'device count {jax.device_count()}')
+  # Before any directory is created: the global batch must split over devices and processes.
+  data.pipeline.local_batch_size(config.batch_size, jax.process_count())
   steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the {info.num_train} '
