@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import flax.struct
 import jax
@@ -46,8 +46,9 @@ import numpy as np
 from jax import lax
 
 from fttw_jax.models.gating import HEAD_NAME, GateConfig
-from fttw_jax.models.mobilenet import MOBILENET_V2_CFG, MobileNetV1, MobileNetV2
-from fttw_jax.models.resnet import ResNet
+from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, MobileNetV1,
+                                       MobileNetV2)
+from fttw_jax.models.resnet import ResNet, pad_shortcut
 from fttw_jax.models.vgg import VGG
 
 BN_EPS = 1e-5
@@ -94,12 +95,11 @@ def _shifted_windows(x, k, stride, ho, wo):
 
 
 def channel_mean(x):
-  """Mean over (N, H, W) per channel. A two-stage sum: XLA:CPU reduces a long axis
-  as one serial add chain (~5x slower at 32x32x16)."""
+  """Mean over (N, H, W) per channel, as a matrix-vector product: XLA:CPU runs a
+  reduce over a long axis as one serial add chain, and fuses it with (and
+  recomputes) its producers; a dot does neither (~5-10x faster in-model)."""
   y = x.reshape(-1, x.shape[-1])
-  n = y.shape[0]
-  g = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-  return y.reshape(g, n // g, -1).sum(axis=1).sum(axis=0) / n
+  return jnp.dot(jnp.full((1, y.shape[0]), 1.0 / y.shape[0], y.dtype), y)[0]
 
 
 def max_pool(x, window: int, stride: int, pad: int = 0):
@@ -190,7 +190,7 @@ class _Runner:
   gate: GateConfig | None
   levels: int
   gated: bool = True
-  min_pixels: int = 16
+  rows_max_pixels: int = 64
   min_channels: int = 32
   aux: dict = dataclasses.field(default_factory=dict)
 
@@ -216,69 +216,103 @@ class _Runner:
     p = self.params[name]
     w, b = p['w'], p['b']
     cin, cout = w.shape[2], w.shape[3]
-    fn = _ACT[act_fn]
-    post_fn = _ACT[post]
+    fn, post_fn = _ACT[act_fn], _ACT[post]
     if not self.gated:
       y = fn(conv2d(act.x, w, stride) + b)
       return Act(post_fn(y + residual) if residual is not None else y)
     logits, mask = self.head(name, act)
     self.aux[name] = {'logits': logits, 'mask': mask}
+    mode = self.mode(cout, _out_pixels(act.x.shape, w.shape[0], stride))
+
+    def finish(y):
+      """Full-width output in original order -> masked output (or block output)."""
+      if residual is None:
+        return y * mask
+      if after_block:
+        return jax.nn.relu(y + residual) * mask
+      return post_fn(y * mask + residual)
+
+    if mode == 'dense':
+      return Act(finish(fn(conv2d(to_dense(act), w, stride) + b)))
+    if mode == 'rows':
+      y = finish(fn(self._rows_conv(act, w, stride) + b))
+      if residual is not None:
+        return Act(y)
+      out_idx, n_out = _slots_of(mask, cout)
+      valid = jnp.arange(cout) < n_out
+      return Act(jnp.take(y, out_idx, axis=-1, mode='clip') * valid, out_idx, n_out, dense=False)
+    return self._both_conv(act, w, b, mask, stride, fn, post_fn, residual, after_block, finish)
+
+  def mode(self, channels, pixels):
+    """How a layer runs. 'dense': masked dense (few channels: narrow convs run no faster
+    on CPU). 'rows' (small outputs, pixels <= rows_max_pixels): only the active input
+    channels' weight rows are gathered, as contiguous rows; all outputs are computed,
+    then masked and compacted -- an element-wise gather of output columns costs ~1 ns
+    a weight, more than the MACs it saves there. 'both': gather inputs and outputs."""
+    if self.levels == 1 or channels < self.min_channels:
+      return 'dense'
+    return 'rows' if pixels <= self.rows_max_pixels else 'both'
+
+  def _rows_conv(self, act: Act, w, stride):
+    """conv over the active input channels only (bucketed), all output channels."""
+    if act.dense:
+      return conv2d(act.x, w, stride)
+    cin = w.shape[2]
+    caps = capacities(cin, self.levels)
+
+    def branch(ci):
+      def run(x, idx, w):
+        if ci is None:                   # count == C: slots are in original order
+          return conv2d(x, w, stride)
+        return conv2d(x[..., :ci], jnp.take(w, idx[:ci], axis=2, mode='clip'), stride)
+      return run
+    index = jnp.where(act.count == cin, len(caps), _bucket(act.count, caps))
+    return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx, w)
+
+  def _both_conv(self, act, w, b, mask, stride, fn, post_fn, residual, after_block, finish):
+    """Narrow conv on gathered active inputs x outputs; a (input, output) capacity
+    bucket pair per branch; the full output bucket computes in original order."""
+    cin, cout = w.shape[2], w.shape[3]
     out_idx, n_out = _slots_of(mask, cout)
 
-    def branch(ci, co):
-      def run(x, in_idx, w, b, mask, out_idx, n_out, residual):
+    def branch(ci, co, gather_in):
+      def run(x, in_idx, w, b, out_idx, n_out, residual):
         if ci < cin:
           x = x[..., :ci]
-        if in_idx is not None:           # input not in original order: gather rows
+        if gather_in:
           w = jnp.take(w, in_idx[:ci], axis=2, mode='clip')
-        if co < cout:
-          w = jnp.take(w, out_idx[:co], axis=3, mode='clip')
-          b = jnp.take(b, out_idx[:co], mode='clip')
-        y = fn(conv2d(x, w, stride) + b)
-        if co == cout:                    # full-width fallback: dense, mask multiplies
-          if residual is None:
-            return y * mask
-          if after_block:
-            return jax.nn.relu(y + residual) * mask
-          return post_fn(y * mask + residual)
-        y = y * (jnp.arange(co) < n_out)
+        if co == cout:
+          return finish(fn(conv2d(x, w, stride) + b))
+        w = jnp.take(w, out_idx[:co], axis=3, mode='clip')
+        b = jnp.take(b, out_idx[:co], mode='clip')
+        valid = jnp.arange(co) < n_out
+        y = fn(conv2d(x, w, stride) + b) * valid
         if residual is None:
           return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, cout - co)))
         if after_block:
           r = jnp.take(residual, out_idx[:co], axis=-1, mode='clip')
-          y = jax.nn.relu(y + r) * (jnp.arange(co) < n_out)
+          y = jax.nn.relu(y + r) * valid
           return jnp.zeros_like(residual).at[..., out_idx[:co]].set(y, mode='drop')
         return post_fn(residual.at[..., out_idx[:co]].add(y, mode='drop'))
       return run
 
-    caps_out = self.capacities(cout, _out_pixels(act.x.shape, w.shape[0], stride))
-    if len(caps_out) == 1:                # too small to pay for gathers: masked dense
-      y = branch(cin, cout)(to_dense(act), None, w, b, mask, out_idx, n_out, residual)
-      return Act(y)
+    caps_out = capacities(cout, self.levels)
     b_out = _bucket(n_out, caps_out)
     if act.dense:
-      branches = [branch(cin, co) for co in caps_out]
+      branches = [branch(cin, co, False) for co in caps_out]
       index = b_out
     else:
       caps_in = capacities(cin, self.levels)
-      # Last input branch: count == C means slots are already in original order.
-      branches = [_with_in_idx(branch(cin if ci is None else ci, co), ci is not None)
+      # Last input row: count == C means slots are already in original order.
+      branches = [branch(ci or cin, co, ci is not None)
                   for ci in caps_in + (None,) for co in caps_out]
       b_in = jnp.where(act.count == cin, len(caps_in), _bucket(act.count, caps_in))
       index = b_in * len(caps_out) + b_out
-    y = _switch(index, branches, act.x, act.idx, w, b, mask, out_idx, n_out, residual)
+    y = _switch(index, branches, act.x, act.idx, w, b, out_idx, n_out, residual)
     if residual is not None:
       return Act(y)
     idx, count = _full_width_order(b_out, len(caps_out), out_idx, n_out, cout)
     return Act(y, idx, count, dense=False)
-
-  def capacities(self, channels, pixels):
-    """Widths a layer may run at; only the full width where narrowing cannot pay
-    (gathering weights costs ~20 MACs per weight: small outputs and few channels
-    lose more to gathers than they save)."""
-    if self.levels == 1 or pixels < self.min_pixels or channels < self.min_channels:
-      return (channels,)
-    return capacities(channels, self.levels)
 
   def depthwise(self, name, act: Act, stride=1):
     """Gated depthwise conv, per slot, masked by ``mask * in_nz`` (SPEC 2.2); then
@@ -289,22 +323,22 @@ class _Runner:
     if not self.gated:
       return Act(jax.nn.relu(depthwise2d(act.x, w, stride) + b))
     logits, mask = self.head(name, act)
-    caps = self.capacities(c, _out_pixels(act.x.shape, w.shape[0], stride))
-    if act.dense or len(caps) == 1:
+    mode = self.mode(c, _out_pixels(act.x.shape, w.shape[0], stride))
+    if act.dense or mode == 'dense':
       x = to_dense(act)
       keep = mask * jnp.any(x[0] != 0, axis=(0, 1))
       self.aux[name] = {'logits': logits, 'mask': keep}
       y = jax.nn.relu(depthwise2d(x, w, stride) + b) * keep
-      if len(caps) == 1:
+      if mode == 'dense':
         return Act(y)
-      return _compact(y, keep, jnp.arange(c, dtype=jnp.int32), jnp.int32(c), caps)
+      return _compact(y, keep, jnp.arange(c, dtype=jnp.int32))
     w = jnp.take(w, act.idx, axis=3, mode='clip')
     b = jnp.take(b, act.idx, mode='clip')
     keep = jnp.take(mask, act.idx, mode='clip') * jnp.any(act.x[0] != 0, axis=(0, 1))
     self.aux[name] = {'logits': logits,
                       'mask': jnp.zeros_like(mask).at[act.idx].set(keep, mode='drop')}
     y = jax.nn.relu(depthwise2d(act.x, w, stride) + b) * keep
-    return _compact(y, keep, act.idx, act.count, caps)
+    return _compact(y, keep, act.idx)
 
   def plain_conv(self, name, x, stride=1):
     """Unmasked conv + folded BN (shortcut projections), dense."""
@@ -324,32 +358,14 @@ def _out_pixels(shape, k, stride):
   return (((shape[1] + 2 * pad - k) // stride + 1) * ((shape[2] + 2 * pad - k) // stride + 1))
 
 
-def _with_in_idx(fn, gather: bool):
-  """Branch that gathers input rows by ``in_idx`` (gather) or takes them as original order."""
-  def run(x, in_idx, *rest):
-    return fn(x, in_idx if gather else None, *rest)
-  return run
-
-
-def _compact(y, keep, idx, count, caps):
-  """Move the slots with ``keep`` to the front (an activation gather, cheap next to the
-  pointwise conv it narrows); the full-width bucket keeps the order, zeros inside."""
+def _compact(y, keep, idx):
+  """Move the slots with ``keep`` to the front (an activation gather: cheap next to
+  the pointwise conv it narrows)."""
   c = y.shape[-1]
   slots, n_new = _slots_of(keep, c)
-
-  def branch(co):
-    def run(y, slots, idx, n_new, count):
-      if co == c:
-        return y, idx, count
-      valid = jnp.arange(co) < n_new
-      z = jnp.take(y, slots[:co], axis=-1, mode='clip') * valid
-      new_idx = jnp.where(valid, jnp.take(idx, slots[:co], mode='clip'), c)
-      return (jnp.pad(z, ((0, 0), (0, 0), (0, 0), (0, c - co))),
-              jnp.pad(new_idx, (0, c - co), constant_values=c), n_new)
-    return run
-  y, idx, count = _switch(_bucket(n_new, caps), [branch(co) for co in caps],
-                          y, slots, idx, n_new, count)
-  return Act(y, idx, count, dense=False)
+  valid = jnp.arange(c) < n_new
+  new_idx = jnp.where(valid, jnp.take(idx, slots, mode='clip'), c)
+  return Act(jnp.take(y, slots, axis=-1, mode='clip') * valid, new_idx, n_new, dense=False)
 
 
 def _switch(index, branches, *ops):
@@ -402,7 +418,6 @@ def _vgg(run: _Runner, model: VGG, x):
 
 
 def _mobilenet_v1(run: _Runner, model: MobileNetV1, x):
-  from fttw_jax.models.mobilenet import MOBILENET_V1_CFG  # pylint: disable=g-import-not-at-top
   act = run.conv('stem', Act(x), stride=2 if model.imagenet else 1)
   for i, (_, s) in enumerate(MOBILENET_V1_CFG):
     act = run.depthwise(f'block{i}_dw', act, s)
@@ -433,11 +448,6 @@ def _mobilenet_v2(run: _Runner, model: MobileNetV2, x):
 
 _ARCHS: dict[type, Callable] = {ResNet: _resnet, VGG: _vgg, MobileNetV1: _mobilenet_v1,
                                 MobileNetV2: _mobilenet_v2}
-
-
-def pad_shortcut(x, features, stride):
-  from fttw_jax.models.resnet import pad_shortcut as pad  # pylint: disable=g-import-not-at-top
-  return pad(x, features, stride)
 
 
 _PROJECTIONS = ('downsample_conv', 'downsample_bn', 'shortcut_conv', 'shortcut_bn')
@@ -496,13 +506,14 @@ class SparseModel:
   masks: the fair baselines for timing. Batches run sample by sample (``lax.map``).
   """
 
-  def __init__(self, model, params: dict, levels: int = 8, min_pixels: int = 16,
+  def __init__(self, model, params: dict, levels: int = 8, rows_max_pixels: int = 64,
                min_channels: int = 32):
     self.walker = check_supported(model)
     if levels < 1:
       raise ValueError(f'levels must be >= 1, got {levels!r}')
     self.model, self.params = model, params
-    self.policy = dict(levels=levels, min_pixels=min_pixels, min_channels=min_channels)
+    self.policy = dict(levels=levels, rows_max_pixels=rows_max_pixels,
+                       min_channels=min_channels)
     self._fns = {}
 
   @classmethod
@@ -510,8 +521,7 @@ class SparseModel:
     """Fold BN into the convs once (at load time) and wrap ``model``.
 
     ``policy``: ``levels`` (capacity buckets per layer: C/levels steps, rounded up to
-    multiples of 8), ``min_pixels`` and ``min_channels`` (layers with smaller outputs
-    run masked dense: narrowing them costs more in weight gathers than it saves).
+    multiples of 8), ``rows_max_pixels`` and ``min_channels`` (see ``_Runner.mode``).
     """
     check_supported(model)
     return cls(model, fold_variables(variables), **policy)

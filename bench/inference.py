@@ -1,0 +1,285 @@
+"""Time dense, gated (masked dense) and sparse batch-1 inference; print one JSON object.
+
+  python bench/inference.py --model vgg16_bn --batch 1 --steps 100 --warmup 10 --keep 0.5
+  python bench/inference.py --model resnet56 --checkpoint workdirs/x --steps 50
+
+Timed forwards, all jitted, called in alternation (A B C ... A B C ...) so that
+drift on a shared machine hits each alike:
+
+* ``dense_flax``: the baseline network (no heads) through Flax ``apply``;
+* ``gated_flax``: the gated network through Flax ``apply`` (masked dense; it
+  also computes the training targets, as ``apply`` always does);
+* ``dense``: the baseline network with BN folded into the convs and the same
+  conv kernels (``fttw_jax.sparse.conv2d``) as the sparse path;
+* ``masked``: heads + masks at full width with those same kernels;
+* ``sparse``: ``fttw_jax.sparse.SparseModel`` (narrow convs on active channels).
+
+``sparse_speedup`` = median of the faster dense baseline / median sparse, so
+that a slow dense implementation cannot flatter the sparse path.
+
+Masks: by default synthetic and seeded: every head's bias is set to +-0.1 with
+probability ``--keep`` of +, its kernel to 1e-3 noise, so each layer keeps ~keep
+of its channels (input-independent). ``--checkpoint`` instead restores a trained
+run (its stored config gives model, width and gate) and times its own masks on
+eval images when the dataset is prepared (random images otherwise). The exact
+FLOPs reduction of the masks timed comes from ``fttw_jax.flops``.
+
+XLA flags apply to every timed function alike. ``--xla-flags`` replaces
+XLA_FLAGS before JAX starts; e.g. ``--xla_cpu_experimental_ynn_fusion_type=``
+disables XLA:CPU's YNNPACK fusions, which on jax 0.10.2 fuse a VGG's whole dense
+conv chain into one graph that runs ~4x slower than the convs one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='resnet56')
+  p.add_argument('--batch', type=int, default=1, help='samples per call (sparse: one by one)')
+  p.add_argument('--steps', type=int, default=100)
+  p.add_argument('--warmup', type=int, default=10)
+  p.add_argument('--keep', type=float, default=0.5,
+                 help='synthetic masks: fraction of channels each head keeps')
+  p.add_argument('--mask-kind', default='exact', choices=('exact', 'bernoulli'),
+                 help="synthetic masks: exactly round(keep*C) channels on, or each w.p. keep")
+  p.add_argument('--checkpoint', default=None, help='workdir or checkpoint directory')
+  p.add_argument('--which', default='best', help="checkpoint: 'best', 'latest' or a step")
+  p.add_argument('--width', type=float, default=1.0)
+  p.add_argument('--dataset', default='cifar10', help='synthetic: sets input size and classes')
+  p.add_argument('--device', default=None, choices=('cpu', 'gpu'))
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--samples', type=int, default=8, help='distinct inputs cycled through')
+  p.add_argument('--levels', type=int, default=8, help='sparse: capacity buckets per layer')
+  p.add_argument('--rows-max-pixels', type=int, default=64)
+  p.add_argument('--min-channels', type=int, default=32)
+  p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax')
+  p.add_argument('--xla-flags', default=None, help='replace XLA_FLAGS (before JAX starts)')
+  args = p.parse_args(argv)
+  if not 0.0 <= args.keep <= 1.0:
+    p.error(f'--keep must be in [0, 1], got {args.keep}')
+  if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.samples < 1:
+    p.error('--batch, --steps and --samples must be >= 1 and --warmup >= 0')
+  return args
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
+def synthetic_heads(variables, keep: float, seed: int, kind: str = 'exact'):
+  """Head biases +-0.1 and 1e-3 kernels, so each layer's mask is fixed whatever the
+  input, with a margin far from the 0 threshold: 'exact' switches on a random
+  round(keep * C) channels, 'bernoulli' each channel with probability ``keep``."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    keys = [getattr(k, 'key', k) for k in path]
+    if 'head' not in keys:
+      return leaf
+    if keys[-1] == 'bias':
+      c = leaf.shape[-1]
+      if kind == 'exact':
+        on = np.zeros(c, bool)
+        on[rng.permutation(c)[:int(round(keep * c))]] = True
+      else:
+        on = rng.random(c) < keep
+      return np.where(on, 0.1, -0.1).astype(np.float32)
+    return (1e-3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+  return jax.tree.map_with_path(fill, variables)
+
+
+def random_variables(model, shape, seed):
+  """Fan-in scaled random weights and BN statistics, without compiling an init."""
+  import jax
+  import numpy as np
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, 'float32'))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    n = rng.standard_normal(leaf.shape).astype(np.float32)
+    name = path[-1].key
+    if name == 'kernel':
+      return n / np.sqrt(np.prod(leaf.shape[:-1]))
+    if name in ('scale', 'var'):
+      return 1.0 + 0.1 * np.abs(n)
+    return 0.1 * n
+  return jax.tree.map_with_path(fill, shapes)
+
+
+def load_checkpoint(args):
+  """(gated model, variables, dataset name, config) of a trained run."""
+  import jax
+  from fttw_jax import checkpoint, data
+  from fttw_jax import config as config_lib
+  config, meta, _ = checkpoint.read_config(args.checkpoint, args.which)
+  if config.stage != 'ftwt':
+    raise SystemExit(f'{args.checkpoint}: stage {config.stage!r} has no heads; '
+                     'sparse execution needs an FTWT (gated) checkpoint')
+  info = data.get_info(config.dataset)
+  num_classes = int(meta.get('num_classes') or info.num_classes)
+  model = config_lib.model_from_config(config, num_classes)
+  x = jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), 'float32')
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  target = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+  variables, config, _, _ = checkpoint.restore_variables(args.checkpoint, args.which,
+                                                         target=target)
+  return model, variables, config.dataset, config
+
+
+def inputs(args, dataset, size, from_data: bool):
+  """(samples, 1, H, W, 3) float32: eval images when asked and available, else N(0, 1)."""
+  import numpy as np
+  if from_data:
+    try:
+      from fttw_jax import data
+      batch = next(iter(data.create_eval_iterator(dataset, args.samples)))
+      images = np.asarray(data.normalize(batch['image'], dataset), np.float32)
+      return images[:, None], 'eval images'
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'note: eval images unavailable ({type(e).__name__}: {e}); using N(0,1)',
+            file=sys.stderr)
+  rng = np.random.default_rng(args.seed + 1)
+  return rng.standard_normal((args.samples, 1, size, size, 3)).astype(np.float32), 'N(0,1)'
+
+
+def stats(times_s):
+  import numpy as np
+  t = np.asarray(times_s) * 1e3
+  return {'median_ms': round(float(np.median(t)), 4),
+          'p10_ms': round(float(np.percentile(t, 10)), 4),
+          'p90_ms': round(float(np.percentile(t, 90)), 4),
+          'min_ms': round(float(np.min(t)), 4),
+          'iqr_ms': round(float(np.percentile(t, 75) - np.percentile(t, 25)), 4)}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.xla_flags is not None:
+    os.environ['XLA_FLAGS'] = args.xla_flags
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from fttw_jax import data, flops, models, sparse
+
+  if args.device:
+    try:
+      jax.config.update('jax_default_device', jax.devices(args.device)[0])
+    except RuntimeError as e:
+      raise SystemExit(f'--device {args.device}: {e}') from None
+
+  if args.checkpoint:
+    model, variables, dataset, config = load_checkpoint(args)
+    width, mask_source = config.width, f'checkpoint {args.checkpoint}'
+  else:
+    dataset, width = args.dataset, args.width
+    info = data.get_info(dataset)
+    model = models.create_model(args.model, num_classes=info.num_classes, width=width,
+                                gate=models.GateConfig())
+    variables = random_variables(model, (1, info.image_size, info.image_size, 3), args.seed)
+    variables = synthetic_heads(variables, args.keep, args.seed, args.mask_kind)
+    mask_source = f'synthetic {args.mask_kind} keep={args.keep} seed={args.seed}'
+  name = type(model).__name__ if args.checkpoint else args.model
+  size = data.get_info(dataset).image_size
+  xs, input_kind = inputs(args, dataset, size, from_data=bool(args.checkpoint))
+  xs = np.repeat(xs, args.batch, axis=1)  # (S, B, H, W, 3)
+  xs = jnp.asarray(xs)
+
+  baseline = model.clone(gate=None)
+  base_vars = {'params': _strip_heads(variables['params']),
+               'batch_stats': variables['batch_stats']}
+  sm = sparse.SparseModel.from_variables(model, variables, levels=args.levels,
+                                         rows_max_pixels=args.rows_max_pixels,
+                                         min_channels=args.min_channels)
+  dense_apply = jax.jit(lambda v, x: baseline.apply(v, x, train=False)[0])
+  gated_apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  fns = {
+      'dense_flax': lambda x: dense_apply(base_vars, x),
+      'gated_flax': lambda x: gated_apply(variables, x)[0],
+      'dense': sm.dense,
+      'masked': lambda x: sm.masked_dense(x)[0],
+      'sparse': lambda x: sm(x)[0],
+  }
+  for k in filter(None, args.skip.split(',')):
+    if k in ('dense', 'sparse'):
+      raise SystemExit(f'--skip {k}: the speedup needs it')
+    fns.pop(k, None)
+
+  # Correctness and exact FLOPs of the masks actually timed.
+  prof = flops.profile(model, (1, size, size, 3))
+  errs, reds, keeps, mask_ok = [], [], [], True
+  for x in xs:
+    ref, aux = gated_apply(variables, x)
+    out, saux = sm(x)
+    errs.append(float(jnp.max(jnp.abs(out - ref))))
+    gates = aux['gates']
+    reds.append(float(flops.reduction(flops.exact_macs(prof, gates), flops.dense_macs(prof))))
+    keeps.append(float(np.mean([np.mean(g['mask']) for g in gates.values()])))
+    mask_ok &= all(np.array_equal(gates[k]['mask'], saux[k]['mask']) for k in gates)
+
+  compile_s = {}
+  for k, f in fns.items():
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(xs[0]))
+    compile_s[k] = round(time.perf_counter() - t0, 2)
+  times = {k: [] for k in fns}
+  for step in range(args.warmup + args.steps):
+    x = xs[step % len(xs)]
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(x))
+      if step >= args.warmup:
+        times[k].append(time.perf_counter() - t0)
+
+  result = {k: stats(v) for k, v in times.items()}
+  med = {k: v['median_ms'] for k, v in result.items()}
+  dense_best = min(med['dense'], med.get('dense_flax', float('inf')))
+  ratios = np.asarray(times['dense']) / np.asarray(times['sparse'])
+  out = {
+      'model': name, 'width': width, 'dataset': dataset, 'batch': args.batch,
+      'steps': args.steps, 'warmup': args.warmup, 'samples': len(xs), 'inputs': input_kind,
+      'masks': mask_source, 'mean_keep': round(float(np.mean(keeps)), 4),
+      'exact_flops_reduction': round(float(np.mean(reds)), 4),
+      'dense_macs': int(flops.dense_macs(prof)),
+      'times': result,
+      'sparse_speedup': round(dense_best / med['sparse'], 3),
+      'sparse_speedup_vs': {k: round(med[k] / med['sparse'], 3) for k in med if k != 'sparse'},
+      'sparse_speedup_median_of_ratios_vs_dense': round(float(np.median(ratios)), 3),
+      'max_abs_logit_err': float(max(errs)), 'masks_equal': bool(mask_ok),
+      'compile_s': compile_s,
+      'policy': {'levels': args.levels, 'rows_max_pixels': args.rows_max_pixels,
+                 'min_channels': args.min_channels},
+      'device': str(jax.devices()[0]), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+      'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  print(json.dumps(out))
+
+
+def _strip_heads(params):
+  if isinstance(params, dict):
+    return {k: _strip_heads(v) for k, v in params.items() if k != 'head'}
+  return params
+
+
+if __name__ == '__main__':
+  main()
