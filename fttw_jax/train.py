@@ -254,6 +254,15 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def should_stop(self, step: int, every: int) -> bool:
+    """Single process: at once. Several: all agree, at steps that are multiples of
+    ``every``, so that every process enters the checkpoint save at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
 
 def check_resumable(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                     where) -> None:
@@ -439,10 +448,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending.append((step, metrics))
       report(step)
       end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or end_of_epoch or preemption.requested:
+      stop = preemption.should_stop(step, config.log_every_steps)
+      if step % config.log_every_steps == 0 or end_of_epoch or stop:
         _flush(writer, pending)
         pending = []
-      if preemption.requested:
+      if stop:
         save(step, force=True)
         latest_mgr.wait_until_finished()
         logging.warning('preempted: checkpoint written at step %d; exiting.', step)
