@@ -60,7 +60,7 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--samples', type=int, default=8, help='distinct inputs cycled through')
   p.add_argument('--levels', type=int, default=8, help='sparse: capacity buckets per layer')
-  p.add_argument('--rows-max-pixels', type=int, default=64)
+  p.add_argument('--rows-max-pixels', type=int, default=16)
   p.add_argument('--min-channels', type=int, default=32)
   p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax')
   p.add_argument('--xla-flags', default=None, help='replace XLA_FLAGS (before JAX starts)')

@@ -3,16 +3,28 @@
 The masked dense forward (``model.apply``) computes every channel and then
 multiplies the switched-off ones by zero. Here each gated conv first runs its
 head on the layer input (SPEC 2: the head sees the input, so the mask is known
-before the conv), then gathers the weights of the active output channels (and
-of the active input channels), runs a narrow conv, and keeps the activation
-*compact* for the next layer. Facts this design follows (shared/DESIGN.md,
-"Sparse execution"): per-layer static capacity buckets chosen with
-``lax.switch`` inside one jit (only the chosen branch runs; under ``vmap`` all
-would, so batches go through ``lax.map``), widths in multiples of 8, the
-full-width bucket falls back to the dense computation, ``jnp.take(...,
-mode='clip')`` for gathers, BN folded into the conv at load time, and an
-im2col matmul where XLA:CPU's conv is pathological (tiny spatial sizes) — used
-by the dense baselines here too, so that timings compare like with like.
+before the conv), then runs a narrow conv on the active channels only and
+keeps the activation *compact* for the next layer. What this follows
+(shared/DESIGN.md, "Sparse execution", and measurements on XLA:CPU):
+
+* per-layer static capacity buckets (widths C*k/levels rounded up to multiples
+  of 8) chosen with ``lax.switch`` inside one jit: only the chosen branch runs
+  (under ``vmap`` all would, so batches go through ``lax.map``);
+* the full-width bucket computes densely in original channel order (a full
+  gather is slower than dense), ``jnp.take(..., mode='clip')`` for gathers,
+  BN folded into the convs at load time;
+* weight gathers are the price: an element-wise gather costs ~1 ns a weight
+  in-model, ~20-50 MACs. So a layer runs in one of three modes
+  (``_Runner.mode``): 'both' (large outputs: gather active inputs x active
+  outputs, narrow conv), 'rows' (outputs of <= ``rows_max_pixels`` pixels:
+  gather only the active input channels' weights, as contiguous rows, compute
+  every output, then mask and compact them), 'dense' (fewer than
+  ``min_channels`` channels: narrow convs run no faster there);
+* the same conv kernels for the dense baselines (``dense``, ``masked_dense``)
+  as for the sparse path: ``conv2d`` is an im2col matmul where XLA:CPU's conv
+  is pathological (2x2 outputs: ~10x slow) and ``depthwise2d`` shifted
+  multiply-adds (XLA:CPU's grouped conv is slow), so timings compare like
+  with like.
 
 Compact activation (``Act``): ``x`` is (1, H, W, C) in *slot* order; slot ``j <
 count`` holds channel ``idx[j]`` (``idx[:count]`` strictly increasing), slots
@@ -24,7 +36,8 @@ Residual streams (ResNet blocks, MobileNetV2 shortcuts) stay in full width and
 original channel order: the residual add refills channels the branch masked
 off, so the sum's channel set is the union of the branch's mask and the
 stream's, which after a few blocks is nearly every channel. The branch (the
-two gated convs of a block) is where the sparsity is.
+gated convs of a block) is where the sparsity is: its last conv's narrow
+output is scatter-added into the stream.
 
 Usage::
 
@@ -190,7 +203,7 @@ class _Runner:
   gate: GateConfig | None
   levels: int
   gated: bool = True
-  rows_max_pixels: int = 64
+  rows_max_pixels: int = 16
   min_channels: int = 32
   aux: dict = dataclasses.field(default_factory=dict)
 
@@ -506,7 +519,7 @@ class SparseModel:
   masks: the fair baselines for timing. Batches run sample by sample (``lax.map``).
   """
 
-  def __init__(self, model, params: dict, levels: int = 8, rows_max_pixels: int = 64,
+  def __init__(self, model, params: dict, levels: int = 8, rows_max_pixels: int = 16,
                min_channels: int = 32):
     self.walker = check_supported(model)
     if levels < 1:
