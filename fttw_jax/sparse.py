@@ -9,7 +9,9 @@ keeps the activation *compact* for the next layer. What this follows
 
 * per-layer static capacity buckets (widths C*k/levels rounded up to multiples
   of 8) chosen with ``lax.switch`` inside one jit: only the chosen branch runs
-  (under ``vmap`` all would, so batches go through ``lax.map``);
+  (under ``vmap`` all would, so batches go through ``lax.map``); a conv whose
+  input is compact too needs an (input, output) width pair per branch, so
+  only pairs within ``band`` levels of each other get one;
 * the full-width bucket computes densely in original channel order (a full
   gather is slower than dense), ``jnp.take(..., mode='clip')`` for gathers,
   BN folded into the convs at load time;
@@ -137,10 +139,6 @@ class Act:
   count: jax.Array | None = None
   dense: bool = flax.struct.field(pytree_node=False, default=True)
 
-  @property
-  def channels(self) -> int:
-    return self.x.shape[-1]
-
 
 def to_dense(act: Act) -> jax.Array:
   """Scatter slots back to original channel order (fill slots are dropped)."""
@@ -152,9 +150,13 @@ def to_dense(act: Act) -> jax.Array:
 def capacities(channels: int, levels: int) -> tuple[int, ...]:
   """Static widths a layer may run at: ``levels`` steps of C/levels, rounded up to a
   multiple of 8 (narrow convs of other widths run poorly on CPU), capped at C."""
-  caps = {min(channels, -(-math.ceil(channels * k / levels) // 8) * 8)
-          for k in range(1, levels + 1)}
-  return tuple(sorted(caps))
+  return tuple(sorted(set(level_caps(channels, levels))))
+
+
+def level_caps(channels: int, levels: int) -> tuple[int, ...]:
+  """Capacity of each level k = 1..levels (repeats where C is small)."""
+  return tuple(min(channels, -(-math.ceil(channels * k / levels) // 8) * 8)
+               for k in range(1, levels + 1))
 
 
 def _bucket(count, caps):
@@ -175,10 +177,11 @@ def _slots_of(mask, size):
 # --------------------------------------------------------------- parameters
 
 def fold_bn(kernel, bias, bn_params, bn_stats):
-  """Fold inference BatchNorm into the preceding conv: (kernel', bias')."""
-  scale = bn_params['scale'] / np.sqrt(bn_stats['var'] + BN_EPS)
-  b = bias if bias is not None else 0.0
-  return kernel * scale, (b - bn_stats['mean']) * scale + bn_params['bias']
+  """Fold inference BatchNorm into the preceding conv: (kernel', bias'), in numpy."""
+  f = lambda a: np.asarray(a, np.float64)
+  scale = f(bn_params['scale']) / np.sqrt(f(bn_stats['var']) + BN_EPS)
+  b = f(bias) if bias is not None else 0.0
+  return f(kernel) * scale, (b - f(bn_stats['mean'])) * scale + f(bn_params['bias'])
 
 
 def _get(tree, path):
@@ -205,6 +208,7 @@ class _Runner:
   gated: bool = True
   rows_max_pixels: int = 16
   min_channels: int = 32
+  band: int = 2
   aux: dict = dataclasses.field(default_factory=dict)
 
   def head(self, name, act: Act):
@@ -283,8 +287,10 @@ class _Runner:
     return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx, w)
 
   def _both_conv(self, act, w, b, mask, stride, fn, post_fn, residual, after_block, finish):
-    """Narrow conv on gathered active inputs x outputs; a (input, output) capacity
-    bucket pair per branch; the full output bucket computes in original order."""
+    """Narrow conv on gathered active inputs x outputs, one branch per (input, output)
+    capacity pair; pairs more than ``band`` levels apart run at the nearest pair
+    above (``levels**2`` branches would take minutes to compile); the full output
+    capacity computes in original channel order."""
     cin, cout = w.shape[2], w.shape[3]
     out_idx, n_out = _slots_of(mask, cout)
 
@@ -309,23 +315,39 @@ class _Runner:
         return post_fn(residual.at[..., out_idx[:co]].add(y, mode='drop'))
       return run
 
-    caps_out = capacities(cout, self.levels)
-    b_out = _bucket(n_out, caps_out)
+    lout = level_caps(cout, self.levels)
+    k_out = _bucket(n_out, lout)
     if act.dense:
-      branches = [branch(cin, co, False) for co in caps_out]
-      index = b_out
+      caps = sorted(set(lout))
+      branches = [branch(cin, co, False) for co in caps]
+      index = jnp.asarray([caps.index(c) for c in lout], jnp.int32)[k_out]
     else:
-      caps_in = capacities(cin, self.levels)
-      # Last input row: count == C means slots are already in original order.
-      branches = [branch(ci or cin, co, ci is not None)
-                  for ci in caps_in + (None,) for co in caps_out]
-      b_in = jnp.where(act.count == cin, len(caps_in), _bucket(act.count, caps_in))
-      index = b_in * len(caps_out) + b_out
+      lin = level_caps(cin, self.levels)
+      k_in = _bucket(act.count, lin)
+      # Only (input, output) level pairs within ``band`` of each other get a branch;
+      # others run at the nearest allowed pair above (wider, still exact).
+      k_out = jnp.maximum(k_out, k_in - self.band)
+      k_in = jnp.maximum(k_in, k_out - self.band)
+      levels = range(self.levels)
+      pairs = sorted({(lin[i], lout[o]) for i in levels for o in levels
+                      if abs(i - o) <= self.band})
+      caps = sorted(set(lout))
+      branches = ([branch(ci, co, True) for ci, co in pairs] +
+                  [branch(cin, co, False) for co in caps])  # count == C: original order
+      table = np.zeros((self.levels, self.levels), np.int32)
+      for i in levels:
+        for o in levels:
+          if abs(i - o) <= self.band:
+            table[i, o] = pairs.index((lin[i], lout[o]))
+      dense_row = np.asarray([len(pairs) + caps.index(c) for c in lout], np.int32)
+      index = jnp.where(act.count == cin, jnp.asarray(dense_row)[k_out],
+                        jnp.asarray(table)[k_in, k_out])
     y = _switch(index, branches, act.x, act.idx, w, b, out_idx, n_out, residual)
     if residual is not None:
       return Act(y)
-    idx, count = _full_width_order(b_out, len(caps_out), out_idx, n_out, cout)
-    return Act(y, idx, count, dense=False)
+    full = jnp.asarray(lout, jnp.int32)[k_out] == cout   # computed in original order
+    idx = jnp.where(full, jnp.arange(cout, dtype=jnp.int32), out_idx)
+    return Act(y, idx, jnp.where(full, jnp.int32(cout), n_out), dense=False)
 
   def depthwise(self, name, act: Act, stride=1):
     """Gated depthwise conv, per slot, masked by ``mask * in_nz`` (SPEC 2.2); then
@@ -387,11 +409,6 @@ def _switch(index, branches, *ops):
   return lax.switch(index, branches, *ops)
 
 
-def _full_width_order(b_out, n_caps, out_idx, n_out, cout):
-  """The full-width bucket returns channels in original order (count = C)."""
-  full = b_out == n_caps - 1
-  idx = jnp.where(full, jnp.arange(cout, dtype=jnp.int32), out_idx)
-  return idx, jnp.where(full, jnp.int32(cout), n_out)
 
 
 # -------------------------------------------------------------- architectures
@@ -519,13 +536,15 @@ class SparseModel:
   masks: the fair baselines for timing. Batches run sample by sample (``lax.map``).
   """
 
-  def __init__(self, model, params: dict, levels: int = 8, rows_max_pixels: int = 16,
-               min_channels: int = 32):
+  def __init__(self, model, params: dict, levels: int = 16, band: int = 2,
+               rows_max_pixels: int = 16, min_channels: int = 32):
     self.walker = check_supported(model)
     if levels < 1:
       raise ValueError(f'levels must be >= 1, got {levels!r}')
     self.model, self.params = model, params
-    self.policy = dict(levels=levels, rows_max_pixels=rows_max_pixels,
+    if band < 0:
+      raise ValueError(f'band must be >= 0, got {band!r}')
+    self.policy = dict(levels=levels, band=band, rows_max_pixels=rows_max_pixels,
                        min_channels=min_channels)
     self._fns = {}
 
@@ -534,7 +553,8 @@ class SparseModel:
     """Fold BN into the convs once (at load time) and wrap ``model``.
 
     ``policy``: ``levels`` (capacity buckets per layer: C/levels steps, rounded up to
-    multiples of 8), ``rows_max_pixels`` and ``min_channels`` (see ``_Runner.mode``).
+    multiples of 8), ``band`` (input/output level pairs that get a branch),
+    ``rows_max_pixels`` and ``min_channels`` (see ``_Runner.mode``).
     """
     check_supported(model)
     return cls(model, fold_variables(variables), **policy)

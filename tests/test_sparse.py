@@ -121,7 +121,7 @@ def test_policies_and_dense_baselines():
   model, variables, x = init_gated('resnet20', batch=1, width=0.5)
   variables = set_heads(variables, seed=4)[0]
   _, sm = check_equal(model, variables, x, levels=8, min_channels=32)
-  check_equal(model, variables, x, levels=4, rows_max_pixels=16)
+  check_equal(model, variables, x, levels=4, band=0, rows_max_pixels=16)  # escalations
   ref = jax.jit(model.apply)(variables, x)[0]
   np.testing.assert_allclose(sm(x[0])[0], ref, atol=1e-4, rtol=1e-4)  # one (H, W, C) image
   np.testing.assert_allclose(sm.masked_dense(x)[0], ref, atol=1e-4, rtol=1e-4)
@@ -143,6 +143,8 @@ def test_errors_name_what_is_supported():
     sparse.check_supported(nn.Dense(3))
   with pytest.raises(ValueError, match='levels'):
     sparse.SparseModel.from_variables(model, variables, levels=0)
+  with pytest.raises(ValueError, match='band'):
+    sparse.SparseModel.from_variables(model, variables, band=-1)
 
 
 def test_capacities_and_slots():
@@ -150,6 +152,7 @@ def test_capacities_and_slots():
   assert sparse.capacities(16, 8) == (8, 16)
   assert sparse.capacities(20, 4) == (8, 16, 20)
   assert sparse.capacities(4, 8) == (4,)
+  assert sparse.level_caps(16, 4) == (8, 8, 16, 16)
   idx, n = sparse._slots_of(jnp.array([0., 1., 0., 1., 1.]), 5)
   np.testing.assert_array_equal(idx, [1, 3, 4, 5, 5])
   assert int(n) == 3
