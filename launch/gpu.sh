@@ -39,36 +39,8 @@ PROCESS_ID=
 DISTRIBUTED=0
 EXTRA=()
 
-usage() {
-  sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
-}
-
-die() {
-  echo "gpu.sh: $*" >&2
-  echo "Run 'launch/gpu.sh --help' for usage." >&2
-  exit 2
-}
-
-# Shell-quote arguments only where needed, so printed commands can be pasted.
-quote() {
-  local out=() arg q="'"
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      out+=("$arg")
-    else
-      out+=("$q${arg//$q/$q\\$q$q}$q")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-run() {
-  if ((DRY_RUN)); then
-    quote "$@"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
 
 parse_args() {
   local opt value
