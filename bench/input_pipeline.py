@@ -12,6 +12,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -70,7 +71,8 @@ def main(argv=None):
   from bench.inference import cpu_model  # pylint: disable=g-import-not-at-top
 
   results = {}
-  with tempfile.TemporaryDirectory() as scratch:
+  # TFDS prints progress to stdout; keep stdout for the one JSON object.
+  with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
     for name in filter(None, args.datasets.split(',')):
       if name == 'digits':
         data_dir = args.data_dir or os.path.join(scratch, 'digits')
