@@ -113,3 +113,13 @@ def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
   return models.create_model(
       config.model, num_classes=num_classes, gate=gate_config(config, **gate_overrides),
       width=config.width, dtype=config.dtype, bn_axis_name=bn_axis_name)
+
+
+# The fields that decide a checkpoint's parameter tree: one workdir, one experiment.
+EXPERIMENT_KEYS = ('model', 'width', 'dataset', 'stage')
+
+
+def describe_differences(stored, config, keys=EXPERIMENT_KEYS, label='config') -> str:
+  """'' when ``stored`` and ``config`` agree on ``keys``, else 'k: checkpoint a vs label b, ...'."""
+  return ', '.join(f'{k}: checkpoint {stored.get(k)!r} vs {label} {config.get(k)!r}'
+                   for k in keys if stored.get(k) != config.get(k))

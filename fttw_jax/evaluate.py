@@ -22,7 +22,7 @@ from etils import epath
 from fttw_jax import checkpoint, data, flops, train
 from fttw_jax import config as config_lib
 
-EXPERIMENT_KEYS = ('model', 'width', 'dataset', 'stage')
+EXPERIMENT_KEYS = config_lib.EXPERIMENT_KEYS
 # Fields that change the forward pass without changing any parameter shape.
 FORWARD_KEYS = ('dtype', 'gate.pool', 'gate.softmax', 'gate.mode', 'gate.criterion',
                 'gate.threshold', 'gate.gt_after_block')
@@ -61,10 +61,8 @@ def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
   is an error; forward-only options (gate pool, threshold, ...) are honoured
   but logged, since they change what is measured.
   """
-  diff = {k: (stored.get(k), config.get(k)) for k in keys
-          if stored.get(k) != config.get(k)}
-  if diff:
-    details = ', '.join(f'{k}: checkpoint {a!r} vs --config {b!r}' for k, (a, b) in diff.items())
+  details = config_lib.describe_differences(stored, config, keys, label='--config')
+  if details:
     raise ValueError(
         f'--config disagrees with the config stored with the checkpoint in {where} '
         f'({details}). Pass the config the run was trained with (it is saved in '

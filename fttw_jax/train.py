@@ -267,10 +267,8 @@ class _Preemption:
 def check_resumable(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                     where) -> None:
   """A workdir holds one experiment: refuse to continue it with another model."""
-  keys = ('model', 'width', 'dataset', 'stage')
-  diff = {k: (stored.get(k), config.get(k)) for k in keys if stored.get(k) != config.get(k)}
-  if diff:
-    details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+  details = config_lib.describe_differences(stored, config)
+  if details:
     raise ValueError(
         f'{where} holds a checkpoint of another experiment ({details}). Use a new '
         '--workdir; the existing checkpoint was left untouched.')
