@@ -23,8 +23,8 @@ keeps the activation *compact* for the next layer. What this follows
   every output, then mask and compact them), 'dense' (fewer than
   ``min_channels`` channels: narrow convs run no faster there);
 * the same conv kernels for the dense baselines (``dense``, ``masked_dense``)
-  as for the sparse path: ``conv2d`` is an im2col matmul where XLA:CPU's conv
-  is pathological (2x2 outputs: ~10x slow) and ``depthwise2d`` shifted
+  as for the sparse path: ``conv2d`` is an im2col matmul at small outputs
+  (XLA:CPU's conv is pathological at 2x2: ~10x slow) and ``depthwise2d`` shifted
   multiply-adds (XLA:CPU's grouped conv is slow), so timings compare like
   with like.
 
@@ -69,26 +69,40 @@ from fttw_jax.models.vgg import VGG
 BN_EPS = 1e-5
 SUPPORTED = ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vgg16_bn',
              'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet34', 'mobilenet_v1_imagenet')
-IM2COL_MAX_PIXELS = 4   # XLA:CPU's conv is ~10x slow at 2x2 outputs; a matmul is not.
+# Outputs of at most this many pixels run as an im2col matmul: XLA:CPU's conv is ~10x
+# slow at 2x2, and at 4x4 the matmul reads a gathered input-major kernel as is (no
+# transpose): VGG16 sparse 1.46-1.58x vs 1.35-1.37x at 4, dense unchanged.
+IM2COL_MAX_PIXELS = 16
 
 
 # ----------------------------------------------------------------- conv kernels
 
-def conv2d(x, w, stride: int = 1):
-  """NHWC x HWIO conv with symmetric padding k//2: matmul for 1x1 and tiny outputs."""
-  k = w.shape[0]
+def conv2d(x, w, stride: int = 1, input_major: bool = False):
+  """NHWC conv with symmetric padding k//2: matmul for 1x1 and tiny outputs.
+
+  ``w`` is HWIO, or with ``input_major`` (Cin, k, k, Cout) as gathered by
+  ``take_inputs``: the matmul forms then read it as is (patches ordered (Cin, k, k))."""
+  k = w.shape[1 if input_major else 0]
+  cout = w.shape[-1]
   if k == 1:
     x = x[:, ::stride, ::stride, :]
-    return jnp.einsum('nhwc,cd->nhwd', x, w[0, 0])
+    return jnp.einsum('nhwc,cd->nhwd', x, w.reshape(-1, cout))
   pad = k // 2
   h, wd = x.shape[1:3]
   ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
   if ho * wo > IM2COL_MAX_PIXELS:
+    if input_major:
+      w = jnp.transpose(w, (1, 2, 0, 3))
     return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if input_major:      # patches (n, cin * k * k, pixels), channels-first: contiguous rows
+    n, cin = x.shape[0], x.shape[-1]
+    cols = _shifted_windows(jnp.transpose(x, (0, 3, 1, 2)), k, stride, ho, wo, axes=(2, 3))
+    patches = jnp.stack(cols, axis=2).reshape(n, cin * k * k, ho * wo)
+    return jnp.einsum('nkp,kd->npd', patches, w.reshape(-1, cout)).reshape(n, ho, wo, cout)
   cols = _shifted_windows(x, k, stride, ho, wo)
-  patches = jnp.concatenate(cols, axis=-1)               # (n, ho, wo, k*k*cin)
-  return jnp.einsum('nhwp,pd->nhwd', patches, w.reshape(-1, w.shape[-1]))
+  patches = jnp.concatenate(cols, axis=-1)               # ordered (kh, kw, cin)
+  return jnp.einsum('nhwp,pd->nhwd', patches, w.reshape(-1, cout))
 
 
 def depthwise2d(x, w, stride: int = 1):
@@ -102,11 +116,17 @@ def depthwise2d(x, w, stride: int = 1):
   return sum(c * w[i // k, i % k, 0] for i, c in enumerate(cols))
 
 
-def _shifted_windows(x, k, stride, ho, wo):
+def _shifted_windows(x, k, stride, ho, wo, axes=(1, 2)):
+  """The k*k strided windows of ``x`` zero-padded by k//2 on its spatial ``axes``."""
   pad = k // 2
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  return [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-          for i in range(k) for j in range(k)]
+  widths = [(pad, pad) if a in axes else (0, 0) for a in range(x.ndim)]
+  xp = jnp.pad(x, widths)
+  def window(i, j):
+    index = [slice(None)] * x.ndim
+    index[axes[0]] = slice(i, i + stride * (ho - 1) + 1, stride)
+    index[axes[1]] = slice(j, j + stride * (wo - 1) + 1, stride)
+    return xp[tuple(index)]
+  return [window(i, j) for i in range(k) for j in range(k)]
 
 
 def channel_mean(x):
@@ -252,13 +272,14 @@ class _Runner:
     if mode == 'dense':
       return Act(finish(fn(conv2d(to_dense(act), w, stride) + b)))
     if mode == 'rows':
-      y = finish(fn(self._rows_conv(act, w, stride) + b))
+      y = finish(fn(self._rows_conv(act, w, p['w_in'], stride) + b))
       if residual is not None:
         return Act(y)
       out_idx, n_out = _slots_of(mask, cout)
       valid = jnp.arange(cout) < n_out
       return Act(jnp.take(y, out_idx, axis=-1, mode='clip') * valid, out_idx, n_out, dense=False)
-    return self._both_conv(act, w, b, mask, stride, fn, post_fn, residual, after_block, finish)
+    return self._both_conv(act, w, p['w_in'], b, mask, stride, fn, post_fn, residual,
+                           after_block, finish)
 
   def mode(self, channels, pixels):
     """How a layer runs. 'dense': masked dense (few channels: narrow convs run no faster
@@ -270,7 +291,7 @@ class _Runner:
       return 'dense'
     return 'rows' if pixels <= self.rows_max_pixels else 'both'
 
-  def _rows_conv(self, act: Act, w, stride):
+  def _rows_conv(self, act: Act, w, w_in, stride):
     """conv over the active input channels only (bucketed), all output channels."""
     if act.dense:
       return conv2d(act.x, w, stride)
@@ -278,15 +299,17 @@ class _Runner:
     caps = capacities(cin, self.levels)
 
     def branch(ci):
-      def run(x, idx, w):
+      def run(x, idx, w, w_in):
         if ci is None:                   # count == C: slots are in original order
           return conv2d(x, w, stride)
-        return conv2d(x[..., :ci], jnp.take(w, idx[:ci], axis=2, mode='clip'), stride)
+        return conv2d(x[..., :ci], take_inputs(w_in, idx[:ci]), stride, input_major=True)
       return run
     index = jnp.where(act.count == cin, len(caps), _bucket(act.count, caps))
-    return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx, w)
+    return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx, w,
+                   w_in)
 
-  def _both_conv(self, act, w, b, mask, stride, fn, post_fn, residual, after_block, finish):
+  def _both_conv(self, act, w, w_in, b, mask, stride, fn, post_fn, residual, after_block,
+                 finish):
     """Narrow conv on gathered active inputs x outputs, one branch per (input, output)
     capacity pair; pairs more than ``band`` levels apart run at the nearest pair
     above (``levels**2`` branches would take minutes to compile); the full output
@@ -295,17 +318,18 @@ class _Runner:
     out_idx, n_out = _slots_of(mask, cout)
 
     def branch(ci, co, gather_in):
-      def run(x, in_idx, w, b, out_idx, n_out, residual):
+      def run(x, in_idx, w, w_in, b, out_idx, n_out, residual):
         if ci < cin:
           x = x[..., :ci]
         if gather_in:
-          w = jnp.take(w, in_idx[:ci], axis=2, mode='clip')
+          w = take_inputs(w_in, in_idx[:ci])
+        conv = functools.partial(conv2d, stride=stride, input_major=gather_in)
         if co == cout:
-          return finish(fn(conv2d(x, w, stride) + b))
+          return finish(fn(conv(x, w) + b))
         w = jnp.take(w, out_idx[:co], axis=3, mode='clip')
         b = jnp.take(b, out_idx[:co], mode='clip')
         valid = jnp.arange(co) < n_out
-        y = fn(conv2d(x, w, stride) + b) * valid
+        y = fn(conv(x, w) + b) * valid
         if residual is None:
           return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, cout - co)))
         if after_block:
@@ -342,7 +366,7 @@ class _Runner:
       dense_row = np.asarray([len(pairs) + caps.index(c) for c in lout], np.int32)
       index = jnp.where(act.count == cin, jnp.asarray(dense_row)[k_out],
                         jnp.asarray(table)[k_in, k_out])
-    y = _switch(index, branches, act.x, act.idx, w, b, out_idx, n_out, residual)
+    y = _switch(index, branches, act.x, act.idx, w, w_in, b, out_idx, n_out, residual)
     if residual is not None:
       return Act(y)
     full = jnp.asarray(lout, jnp.int32)[k_out] == cout   # computed in original order
@@ -401,6 +425,15 @@ def _compact(y, keep, idx):
   valid = jnp.arange(c) < n_new
   new_idx = jnp.where(valid, jnp.take(idx, slots, mode='clip'), c)
   return Act(jnp.take(y, slots, axis=-1, mode='clip') * valid, new_idx, n_new, dense=False)
+
+
+def take_inputs(w_in, idx):
+  """Input-major kernel (len(idx), k, k, Cout) of the input channels ``idx``, from
+  the input-major copy ``w_in`` of the kernel: a gather of contiguous rows, which
+  ``conv2d(..., input_major=True)`` consumes without a transpose where it runs a
+  matmul. Gathering axis 2 of the HWIO kernel is a strided element gather, ~2x
+  slower on the memory-bound layers (VGG16's 512-channel ones)."""
+  return jnp.take(w_in, idx, axis=0, mode='clip')
 
 
 def _switch(index, branches, *ops):
@@ -494,6 +527,8 @@ def fold_variables(variables) -> dict:
       if HEAD_NAME in tree:
         entry['head_w'] = jnp.asarray(tree[HEAD_NAME]['kernel'], jnp.float32)
         entry['head_b'] = jnp.asarray(tree[HEAD_NAME]['bias'], jnp.float32)
+        if entry['w'].shape[2] > 1:             # not depthwise: see ``take_inputs``
+          entry['w_in'] = jnp.transpose(entry['w'], (2, 0, 1, 3))
       out[path] = entry
       return
     for proj in ('downsample', 'shortcut'):
