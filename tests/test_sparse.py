@@ -163,12 +163,22 @@ def test_capacities_and_slots():
 
 def test_conv_kernels_match_lax_conv():
   rng = np.random.default_rng(0)
-  for hw, k, stride in [(2, 3, 1), (8, 3, 2), (5, 1, 2), (4, 7, 2)]:
+  # im2col at <= IM2COL_MAX_PIXELS outputs (2x2, 4x4 incl. strided, 1x1), XLA's conv above
+  for hw, k, stride in [(2, 3, 1), (4, 3, 1), (8, 3, 2), (5, 1, 2), (4, 7, 2), (6, 3, 1),
+                        (9, 3, 2)]:
     x = jnp.asarray(rng.standard_normal((1, hw, hw, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, 6, 5)), jnp.float32)
     ref = jax.lax.conv_general_dilated(x, w, (stride, stride), [(k // 2, k // 2)] * 2,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     np.testing.assert_allclose(sparse.conv2d(x, w, stride), ref, atol=1e-4, rtol=1e-4)
+    # the input-major layout the sparse path gathers from (rows = input channels)
+    idx = jnp.asarray([4, 1, 3], jnp.int32)
+    w_in = sparse.take_inputs(jnp.transpose(w, (2, 0, 1, 3)), idx)
+    ref = jax.lax.conv_general_dilated(x[..., idx], w[:, :, idx], (stride, stride),
+                                       [(k // 2, k // 2)] * 2,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    np.testing.assert_allclose(sparse.conv2d(x[..., idx], w_in, stride, input_major=True),
+                               ref, atol=1e-4, rtol=1e-4)
     wd = jnp.asarray(rng.standard_normal((k, k, 1, 6)), jnp.float32)
     ref = jax.lax.conv_general_dilated(x, wd, (stride, stride), [(k // 2, k // 2)] * 2,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
