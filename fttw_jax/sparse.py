@@ -16,12 +16,14 @@ keeps the activation *compact* for the next layer. What this follows
   gather is slower than dense), ``jnp.take(..., mode='clip')`` for gathers,
   BN folded into the convs at load time;
 * weight gathers are the price: an element-wise gather costs ~1 ns a weight
-  in-model, ~20-50 MACs. So a layer runs in one of three modes
-  (``_Runner.mode``): 'both' (large outputs: gather active inputs x active
-  outputs, narrow conv), 'rows' (outputs of <= ``rows_max_pixels`` pixels:
-  gather only the active input channels' weights, as contiguous rows, compute
-  every output, then mask and compact them), 'dense' (fewer than
-  ``min_channels`` channels: narrow convs run no faster there);
+  in-model, ~20-50 MACs. Input channels are therefore gathered as contiguous
+  rows of an input-major copy of each kernel (``w_in``, made at load time:
+  twice the weight memory), which the im2col matmul consumes without a
+  transpose. A layer runs in one of three modes (``_Runner.mode``): 'both'
+  (large outputs: gather active inputs x active outputs, narrow conv), 'rows'
+  (outputs of <= ``rows_max_pixels`` pixels: gather only the active input
+  rows, compute every output, then mask and compact them), 'dense' (fewer
+  than ``min_channels`` channels: narrow convs run no faster there);
 * the same conv kernels for the dense baselines (``dense``, ``masked_dense``)
   as for the sparse path: ``conv2d`` is an im2col matmul at small outputs
   (XLA:CPU's conv is pathological at 2x2: ~10x slow) and ``depthwise2d`` shifted

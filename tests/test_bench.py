@@ -1,0 +1,54 @@
+"""The bench scripts run end to end and print the JSON they document (no timing asserts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+import profile_ops  # noqa: E402
+
+
+def run_bench(script, *args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', script), *args],
+                        capture_output=True, text=True, env=env, timeout=600)
+  return proc
+
+
+def bench_json(script, *args):
+  proc = run_bench(script, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout)
+
+
+def test_inference_bench_checks_sparse_against_apply():
+  out = bench_json('inference.py', '--model', 'resnet8', '--steps', '2', '--warmup', '1',
+                   '--samples', '2', '--keep', '0.5', '--min-channels', '8', '--levels', '2')
+  assert out['masks_equal'] and out['max_abs_logit_err'] < 1e-4
+  assert 0.3 < out['exact_flops_reduction'] < 0.9 and out['mean_keep'] == pytest.approx(0.5, 0.1)
+  assert set(out['times']) == {'dense_flax', 'gated_flax', 'dense', 'masked', 'sparse'}
+  assert out['sparse_speedup'] > 0
+
+
+def test_profile_ops_counts_ops_per_forward():
+  out = bench_json('profile_ops.py', '--model', 'resnet8', '--calls', '2', '--warmup', '1')
+  ops = {w: out[w]['ops_per_call'] for w in ('dense', 'masked', 'sparse')}
+  # the heads add ops to the masked forward, and gathers / conditionals to the sparse one
+  assert 0 < ops['dense'] < ops['masked'] < ops['sparse']
+  # resnet8: stem + 3 blocks x 2 convs (CIFAR shortcuts are pad + pool, no conv)
+  assert out['dense']['by_kind']['conv_general_dilated']['count'] == 7
+  assert profile_ops.op_kind('cond.581.clone') == 'cond'
+  assert profile_ops.op_kind('conv_general_dilated.35') == 'conv_general_dilated'
+
+
+def test_conv_widths_reports_macs_and_rejects_bad_shapes():
+  out = bench_json('conv_widths.py', '--shapes', '4x8x8,4x16x8', '--chain', '2', '--steps', '2',
+                   '--warmup', '1')
+  assert [r['macs'] for r in out['convs']] == [4 * 4 * 9 * 8 * 8, 4 * 4 * 9 * 16 * 8]
+  proc = run_bench('conv_widths.py', '--shapes', '4x8')
+  assert proc.returncode == 2 and "'4x8'" in proc.stderr
