@@ -62,6 +62,8 @@ class Model:
 
     With ``sparse=True`` a batch of one runs the sparse kernels
     (``fttw_jax.sparse``); its ``aux['gates']`` then holds 'logits' and 'mask'.
+    Faster than dense only where convs are wide (VGG16-BN, ImageNet ResNets; see
+    bench/RESULTS.md).
     """
     if self._sparse is not None and jnp.shape(images)[0] == 1:
       logits, gates = self._sparse(data.normalize(images, self.config.dataset))
