@@ -72,8 +72,8 @@ BN_EPS = 1e-5
 SUPPORTED = ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vgg16_bn',
              'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet34', 'mobilenet_v1_imagenet')
 # Outputs of at most this many pixels run as an im2col matmul: XLA:CPU's conv is ~10x
-# slow at 2x2, and at 4x4 the matmul reads a gathered input-major kernel as is (no
-# transpose): VGG16 sparse 1.46-1.58x vs 1.35-1.37x at 4, dense unchanged.
+# slow at 2x2, and at 4x4 the matmul reads a gathered input-major kernel as is, where
+# the conv needs it transposed (VGG16's 4x4 layers; dense time unchanged).
 IM2COL_MAX_PIXELS = 16
 
 
