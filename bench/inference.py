@@ -7,8 +7,9 @@ Timed forwards, all jitted, called in alternation (A B C ... A B C ...) so that
 drift on a shared machine hits each alike:
 
 * ``dense_flax``: the baseline network (no heads) through Flax ``apply``;
-* ``gated_flax``: the gated network through Flax ``apply`` (masked dense; it
-  also computes the training targets, as ``apply`` always does);
+* ``gated_flax``: the gated network through Flax ``apply`` (masked dense),
+  jitted to return the logits only, as ``api.Model.predict``: XLA then drops the
+  training targets that ``apply`` also computes (a sort per layer);
 * ``dense``: the baseline network with BN folded into the convs and the same
   conv kernels (``fttw_jax.sparse.conv2d``) as the sparse path;
 * ``masked``: heads + masks at full width with those same kernels;
@@ -221,9 +222,10 @@ def main(argv=None):
                                          min_channels=args.min_channels)
   dense_apply = jax.jit(lambda v, x: baseline.apply(v, x, train=False)[0])
   gated_apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  gated_logits = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])  # as api.predict
   fns = {
       'dense_flax': lambda x: dense_apply(base_vars, x),
-      'gated_flax': lambda x: gated_apply(variables, x)[0],
+      'gated_flax': lambda x: gated_logits(variables, x),
       'dense': sm.dense,
       'masked': lambda x: sm.masked_dense(x)[0],
       'sparse': lambda x: sm(x)[0],

@@ -3,6 +3,7 @@
   from fttw_jax import api
   m = api.load('workdirs/digits_ftwt')        # or a checkpoints/<step> directory
   logits, aux = m(images)                     # uint8 NHWC; normalised inside
+  logits = m.predict(images)                  # logits only: the lean inference forward
   masks = m.masks(images)                     # {layer: (N, C) 0/1}, execution order
   macs = m.flops(images)                      # (N,) exact MACs per sample
 
@@ -20,8 +21,13 @@ import jax.numpy as jnp
 from fttw_jax import data, evaluate, flops
 
 
-def _forward(model, dataset, prof, variables, images):
-  """Normalise, run in eval mode, and count per-sample MACs both ways."""
+def _forward(model, dataset, prof, outputs, variables, images):
+  """Normalise, run in eval mode, count per-sample MACs both ways; return ``outputs``.
+
+  Jitted per ``outputs``: what is not returned is not computed (XLA drops it), so
+  asking for logits or masks alone skips the training targets, which cost a
+  gated ResNet-56 more than its heads at batch 1 on CPU.
+  """
   logits, aux = model.apply(variables, data.normalize(images, dataset), train=False)
   gates = aux['gates']
   n = logits.shape[0]
@@ -30,11 +36,14 @@ def _forward(model, dataset, prof, variables, images):
   else:
     dense = jnp.full((n,), float(flops.dense_macs(prof)), jnp.float32)
     macs = {'exact': dense, 'paper': dense}
-  return logits, aux, macs
+  masks = {name: g['mask'] for name, g in gates.items()}
+  everything = {'logits': logits, 'aux': aux, 'macs': macs, 'masks': masks}
+  return tuple(everything[k] for k in outputs)
 
 
 class Model:
-  """A restored checkpoint: ``m(x)``, ``m.masks(x)``, ``m.flops(x)``, ``m.forward(x)``.
+  """A restored checkpoint: ``m(x)``, ``m.predict(x)``, ``m.masks(x)``, ``m.flops(x)``,
+  ``m.forward(x)``.
 
   Attributes: ``config`` (stored with the checkpoint), ``variables``, ``model``
   (the Flax module, eval mode), ``profile`` (flops.Profile), ``step``, ``path``
@@ -49,13 +58,25 @@ class Model:
     self.step = restored.step
     self.path = restored.path
     self.meta = restored.meta
-    self._fn = jax.jit(functools.partial(_forward, self.model, self.config.dataset,
-                                         self.profile))
+    self._fns = {}
     self._sparse = _sparse_model(self.model, self.variables) if sparse else None
+
+  def _run(self, outputs: tuple, images):
+    if outputs not in self._fns:
+      self._fns[outputs] = jax.jit(functools.partial(
+          _forward, self.model, self.config.dataset, self.profile, outputs))
+    return self._fns[outputs](self.variables, jnp.asarray(images))
 
   def forward(self, images):
     """(logits, aux, {"exact", "paper"}: (N,) MACs) in one jitted call."""
-    return self._fn(self.variables, jnp.asarray(images))
+    return self._run(('logits', 'aux', 'macs'), images)
+
+  def predict(self, images) -> jax.Array:
+    """(N, classes) logits: the lean jitted forward for inference (no training
+    targets, no MACs); batches of one take the sparse kernels with ``sparse=True``."""
+    if self._sparse is not None and jnp.shape(images)[0] == 1:
+      return self._sparse(data.normalize(images, self.config.dataset))[0]
+    return self._run(('logits',), images)[0]
 
   def __call__(self, images):
     """(logits (N, classes), aux) for raw uint8 (N, H, W, 3) images.
@@ -68,19 +89,18 @@ class Model:
     if self._sparse is not None and jnp.shape(images)[0] == 1:
       logits, gates = self._sparse(data.normalize(images, self.config.dataset))
       return logits, {'gates': gates}
-    logits, aux, _ = self.forward(images)
-    return logits, aux
+    return self._run(('logits', 'aux'), images)
 
   def masks(self, images) -> dict:
     """{layer: (N, C) applied mask}, layers in execution order; {} for a baseline."""
-    gates = self.forward(images)[1]['gates']
-    return {l.name: gates[l.name]['mask'] for l in self.profile.masked if l.name in gates}
+    masks = self._run(('masks',), images)[0]     # jit returns dicts in sorted key order
+    return {l.name: masks[l.name] for l in self.profile.masked if l.name in masks}
 
   def flops(self, images, accounting: str = 'exact') -> jax.Array:
     """(N,) MACs per sample: 'exact' (SPEC 5, heads included) or 'paper'."""
     if accounting not in ('exact', 'paper'):
       raise ValueError(f"accounting={accounting!r} is invalid; valid: 'exact', 'paper'")
-    return self.forward(images)[2][accounting]
+    return self._run(('macs',), images)[0][accounting]
 
   def __repr__(self):
     c = self.config

@@ -208,6 +208,11 @@ def test_api_forward_masks_and_flops(runs):
   apply = jax.jit(lambda v, x: m.model.apply(v, data.normalize(x, 'digits'), train=False))
   ref_logits, ref_aux = apply(m.variables, x)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(m.predict(x), ref_logits, rtol=1e-5, atol=1e-5)
+  # predict's jitted forward returns logits only, so XLA drops the training targets
+  # (a sort per layer) that __call__'s aux carries
+  assert 'sort' in m._fns[('logits', 'aux')].lower(m.variables, x).compile().as_text()
+  assert 'sort' not in m._fns[('logits',)].lower(m.variables, x).compile().as_text()
   masks = m.masks(x)
   assert list(masks) == [l.name for l in m.profile.masked]
   for name, mask in masks.items():
@@ -246,6 +251,8 @@ def test_api_sparse_batch_of_one_matches_dense(runs):
   dense_logits, dense_aux, _ = m.forward(x[:1])
   logits, aux = m(x[:1])
   np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(m.predict(x[:1]), dense_logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(m.predict(x), m.forward(x)[0], rtol=1e-5, atol=1e-5)  # batch > 1
   for name, g in aux['gates'].items():
     np.testing.assert_array_equal(g['mask'], dense_aux['gates'][name]['mask'])
   with pytest.raises(ValueError, match='gated model'):
