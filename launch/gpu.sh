@@ -33,7 +33,7 @@ DRY_RUN=0
 CONFIG=
 WORKDIR=
 GPUS=
-COORDINATOR=
+COORDINATOR_ADDRESS=
 NUM_PROCESSES=
 PROCESS_ID=
 DISTRIBUTED=0
@@ -43,56 +43,27 @@ EXTRA=()
 source "$REPO/launch/common.sh"
 
 parse_args() {
-  local opt value
-  while (($#)); do
-    opt="$1"
-    value=
-    if [[ "$opt" == --*=* ]]; then
-      value="${opt#*=}"
-      opt="${opt%%=*}"
-    fi
-    case "$opt" in
-      -h | --help) usage; exit 0 ;;
-      --dry_run) DRY_RUN=1 ;;
-      --distributed) DISTRIBUTED=1 ;;
-      --) shift; EXTRA=("$@"); return ;;
-      --config | --workdir | --gpus | --coordinator_address | --num_processes | --process_id)
-        if [[ -z "$value" ]]; then
-          (($# >= 2)) || die "$opt needs a value"
-          value="$2"
-          shift
-        fi
-        case "$opt" in
-          --config) CONFIG="$value" ;;
-          --workdir) WORKDIR="$value" ;;
-          --gpus) GPUS="$value" ;;
-          --coordinator_address) COORDINATOR="$value" ;;
-          --num_processes) NUM_PROCESSES="$value" ;;
-          --process_id) PROCESS_ID="$value" ;;
-        esac
-        ;;
-      *) die "unknown argument $opt" ;;
-    esac
-    shift
-  done
+  parse_options "config workdir gpus coordinator_address num_processes process_id" \
+    "dry_run distributed" "$@"
+  ((${#POSITIONAL[@]} == 0)) || die "unknown argument ${POSITIONAL[0]}"
 }
 
 # Several machines: all three flags or none, with a process id in range.
 cluster_flags() {
   CLUSTER=()
-  if [[ -z "$COORDINATOR$NUM_PROCESSES$PROCESS_ID" ]]; then
+  if [[ -z "$COORDINATOR_ADDRESS$NUM_PROCESSES$PROCESS_ID" ]]; then
     if ((DISTRIBUTED)); then
       CLUSTER=(--distributed)
     fi
     return
   fi
-  [[ -n "$COORDINATOR" && -n "$NUM_PROCESSES" && -n "$PROCESS_ID" ]] \
+  [[ -n "$COORDINATOR_ADDRESS" && -n "$NUM_PROCESSES" && -n "$PROCESS_ID" ]] \
     || die "several machines need all of --coordinator_address, --num_processes, --process_id"
   [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "--num_processes=$NUM_PROCESSES is not a positive int"
   if ! [[ "$PROCESS_ID" =~ ^[0-9]+$ ]] || ((PROCESS_ID >= NUM_PROCESSES)); then
     die "--process_id=$PROCESS_ID must be in [0, $NUM_PROCESSES)"
   fi
-  CLUSTER=(--distributed "--coordinator_address=$COORDINATOR" "--num_processes=$NUM_PROCESSES"
+  CLUSTER=(--distributed "--coordinator_address=$COORDINATOR_ADDRESS" "--num_processes=$NUM_PROCESSES"
     "--process_id=$PROCESS_ID")
 }
 

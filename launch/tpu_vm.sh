@@ -41,7 +41,7 @@ COMMAND=
 NAME=fttw-jax
 ZONE="${CLOUDSDK_COMPUTE_ZONE:-}"
 PROJECT=
-ACCELERATOR=v4-8
+ACCELERATOR_TYPE=v4-8
 VERSION=
 SPOT=0
 CONFIG=
@@ -64,46 +64,10 @@ default_version() {
 }
 
 parse_args() {
-  local opt value
-  while (($#)); do
-    opt="$1"
-    value=
-    if [[ "$opt" == --*=* ]]; then
-      value="${opt#*=}"
-      opt="${opt%%=*}"
-    fi
-    case "$opt" in
-      -h | --help) usage; exit 0 ;;
-      --dry_run) DRY_RUN=1 ;;
-      --spot) SPOT=1 ;;
-      --background) BACKGROUND=1 ;;
-      --) shift; EXTRA=("$@"); return ;;
-      --name | --zone | --project | --accelerator_type | --version | --config | --workdir \
-        | --worker)
-        if [[ -z "$value" ]]; then
-          (($# >= 2)) || die "$opt needs a value"
-          value="$2"
-          shift
-        fi
-        case "$opt" in
-          --name) NAME="$value" ;;
-          --zone) ZONE="$value" ;;
-          --project) PROJECT="$value" ;;
-          --accelerator_type) ACCELERATOR="$value" ;;
-          --version) VERSION="$value" ;;
-          --config) CONFIG="$value" ;;
-          --workdir) WORKDIR="$value" ;;
-          --worker) WORKER="$value" ;;
-        esac
-        ;;
-      -*) die "unknown option $opt" ;;
-      *)
-        [[ -z "$COMMAND" ]] || die "one command only, got '$COMMAND' and '$opt'"
-        COMMAND="$opt"
-        ;;
-    esac
-    shift
-  done
+  parse_options "name zone project accelerator_type version config workdir worker" \
+    "dry_run spot background" "$@"
+  ((${#POSITIONAL[@]} <= 1)) || die "one command only, got '${POSITIONAL[0]}' and '${POSITIONAL[1]}'"
+  COMMAND="${POSITIONAL[0]:-}"
 }
 
 # Flags every gcloud tpu-vm call takes.
@@ -119,7 +83,7 @@ ssh_all() {
 }
 
 cmd_create() {
-  local args=(--accelerator-type="$ACCELERATOR" --version="${VERSION:-$(default_version "$ACCELERATOR")}")
+  local args=(--accelerator-type="$ACCELERATOR_TYPE" --version="${VERSION:-$(default_version "$ACCELERATOR_TYPE")}")
   if ((SPOT)); then
     args+=(--spot)
   fi
