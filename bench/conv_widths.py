@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from inference import NO_YNN_FUSION, cpu_model  # noqa: E402
+from inference import NO_YNN_FUSION, machine, set_xla_flags  # noqa: E402
 
 DEFAULT_SHAPES = ('32x16x16,32x16x8,32x8x8,16x32x32,16x32x16,16x16x16,8x64x64,8x64x32,8x32x32,'
                   '4x512x512,4x256x256')
@@ -48,10 +48,7 @@ def main(argv=None):
     shapes = [parse_shape(s) for s in args.shapes.split(',')]
   except argparse.ArgumentTypeError as e:
     p.error(str(e))
-  if args.xla_flags is None:
-    args.xla_flags = (os.environ.get('XLA_FLAGS', '') + ' ' + NO_YNN_FUSION).strip()
-  os.environ['XLA_FLAGS'] = args.xla_flags
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  set_xla_flags(args.xla_flags)
   import jax
   import numpy as np
 
@@ -82,10 +79,7 @@ def main(argv=None):
     macs = hw * hw * 9 * cin * cout
     rows.append({'shape': f'{hw}x{cin}x{cout}', 'us_per_conv': round(us, 1), 'macs': macs,
                  'gmacs_per_s': round(macs / us / 1e3, 1)})
-  print(json.dumps({'convs': rows, 'chain': args.chain, 'steps': args.steps,
-                    'device': str(jax.devices()[0]), 'cpu': cpu_model(),
-                    'cpu_count': os.cpu_count(), 'load_avg_1m': round(os.getloadavg()[0], 2),
-                    'jax': jax.__version__, 'xla_flags': args.xla_flags}))
+  print(json.dumps({'convs': rows, 'chain': args.chain, 'steps': args.steps, **machine()}))
 
 
 if __name__ == '__main__':

@@ -92,6 +92,24 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
+def set_xla_flags(replace: str | None = None) -> str:
+  """Set XLA_FLAGS before jax is imported: ``replace`` if given, else the environment's
+  flags plus NO_YNN_FUSION (see the module docstring). Returns the flags set."""
+  flags = replace if replace is not None else (
+      os.environ.get('XLA_FLAGS', '') + ' ' + NO_YNN_FUSION).strip()
+  os.environ['XLA_FLAGS'] = flags
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return flags
+
+
+def machine() -> dict:
+  """Where a bench ran, for its JSON: device, CPU, load, jax version, XLA flags."""
+  import jax
+  return {'device': str(jax.devices()[0]), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+          'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__,
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
 def synthetic_heads(variables, keep: float, seed: int, kind: str = 'exact'):
   """Head biases +-0.1 and 1e-3 kernels, so each layer's mask is fixed whatever the
   input, with a margin far from the 0 threshold: 'exact' switches on a random
@@ -182,10 +200,7 @@ def stats(times_s):
 
 def main(argv=None):
   args = parse_args(argv)
-  if args.xla_flags is None:
-    args.xla_flags = (os.environ.get('XLA_FLAGS', '') + ' ' + NO_YNN_FUSION).strip()
-  os.environ['XLA_FLAGS'] = args.xla_flags
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  set_xla_flags(args.xla_flags)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -279,9 +294,7 @@ def main(argv=None):
       'compile_s': compile_s,
       'policy': {'levels': args.levels, 'band': args.band, 'rows_max_pixels': args.rows_max_pixels,
                  'min_channels': args.min_channels},
-      'device': str(jax.devices()[0]), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-      'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      **machine(),
   }
   print(json.dumps(out))
 

@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from inference import NO_YNN_FUSION, cpu_model, random_variables, synthetic_heads  # noqa: E402
+from inference import machine, random_variables, set_xla_flags, synthetic_heads  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,8 +83,7 @@ def summarize(trace_dir: str, calls: int, top: int) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + NO_YNN_FUSION).strip()
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  set_xla_flags()
   import jax
   import numpy as np
   from fttw_jax import data, models, sparse
@@ -113,8 +112,7 @@ def main(argv=None):
         wall = (time.perf_counter() - t0) / args.calls
       out[which] = {'wall_ms_per_call_profiled': round(wall * 1e3, 3),
                     **summarize(d, args.calls, args.top)}
-  out.update({'device': str(jax.devices()[0]), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
-              'load_avg_1m': round(os.getloadavg()[0], 2), 'jax': jax.__version__})
+  out.update(machine())
   print(json.dumps(out))
 
 
