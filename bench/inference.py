@@ -13,12 +13,18 @@ drift on a shared machine hits each alike:
 * ``dense``: the baseline network with BN folded into the convs and the same
   conv kernels (``fttw_jax.sparse.conv2d``) as the sparse path;
 * ``masked``: heads + masks at full width with those same kernels;
-* ``sparse``: ``fttw_jax.sparse.SparseModel`` (narrow convs on active channels).
+* ``sparse``: ``fttw_jax.sparse.SparseModel.predict`` (narrow convs on active
+  channels, in XLA);
+* ``native_dense``, ``native_masked``, ``native_sparse``: the same three with one
+  C++ custom call per conv (``fttw_jax.sparse_native``; ResNets and VGG, where a
+  C++ compiler is at hand; ``native`` in the JSON says why when they are absent).
 
-``sparse_speedup`` = the fastest median of ``dense_flax``, ``dense`` and
-``masked`` / median ``sparse``: the masked forward does all the dense work plus
-the heads, so when it is the faster one the dense timings hit a compiler
-pathology, and a slow dense implementation must not flatter the sparse path.
+``sparse_speedup`` (XLA) and ``native_sparse_speedup`` = the fastest median of
+all the dense columns (``dense_flax``, ``dense``, ``masked``, ``native_dense``,
+``native_masked``) / the sparse median: the masked forward does all the dense
+work plus the heads, so when it is the faster one the dense timings hit a
+compiler pathology, and a slow dense implementation must not flatter the sparse
+path.
 
 Masks: by default synthetic and seeded: every head's bias is set to +-0.1 with
 probability ``--keep`` of +, its kernel to 1e-3 noise, so each layer keeps ~keep
@@ -198,13 +204,28 @@ def stats(times_s):
           'iqr_ms': round(float(np.percentile(t, 75) - np.percentile(t, 25)), 4)}
 
 
+DENSE_COLUMNS = ('dense_flax', 'dense', 'masked', 'native_dense', 'native_masked')
+
+
+def native_unavailable(model):
+  """Why the native columns cannot run here, or None when they can."""
+  from fttw_jax import native, sparse_native
+  if type(model) not in sparse_native.ARCHS:
+    return f'unsupported architecture {type(model).__name__}'
+  try:
+    native.ensure()
+  except native.NativeUnavailable as e:
+    return f'unavailable: {str(e).splitlines()[0]}'
+  return None
+
+
 def main(argv=None):
   args = parse_args(argv)
   set_xla_flags(args.xla_flags)
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fttw_jax import data, flops, models, sparse
+  from fttw_jax import data, flops, models, sparse, sparse_native
 
   if args.device:
     try:
@@ -243,9 +264,17 @@ def main(argv=None):
       'gated_flax': lambda x: gated_logits(variables, x),
       'dense': sm.dense,
       'masked': lambda x: sm.masked_dense(x)[0],
-      'sparse': lambda x: sm(x)[0],
+      'sparse': sm.predict,
   }
-  for k in filter(None, args.skip.split(',')):
+  skip = set(filter(None, args.skip.split(',')))
+  native_status = 'skipped' if 'native_sparse' in skip else native_unavailable(model)
+  nm = None
+  if native_status is None:
+    native_status = 'ok'
+    nm = sparse_native.NativeSparseModel.from_variables(model, variables)
+    fns.update({'native_dense': nm.dense, 'native_masked': lambda x: nm.masked_dense(x)[0],
+                'native_sparse': nm.predict})
+  for k in skip:
     if k in ('dense', 'sparse'):
       raise SystemExit(f'--skip {k}: the speedup needs it')
     fns.pop(k, None)
@@ -257,15 +286,18 @@ def main(argv=None):
     compile_s[k] = round(time.perf_counter() - t0, 2)
   # Correctness and exact FLOPs of the masks actually timed.
   prof = flops.profile(model, (1, size, size, 3))
-  errs, reds, keeps, mask_ok = [], [], [], True
+  runners = {'sparse': sm, 'native_sparse': nm} if nm else {'sparse': sm}
+  errs, mask_ok = {k: [] for k in runners}, {k: True for k in runners}
+  reds, keeps = [], []
   for x in xs:
     ref, aux = gated_apply(variables, x)
-    out, saux = sm(x)
-    errs.append(float(jnp.max(jnp.abs(out - ref))))
     gates = aux['gates']
+    for k, runner in runners.items():
+      out, saux = runner(x)
+      errs[k].append(float(jnp.max(jnp.abs(out - ref))))
+      mask_ok[k] &= all(np.array_equal(gates[g]['mask'], saux[g]['mask']) for g in gates)
     reds.append(float(flops.reduction(flops.exact_macs(prof, gates), flops.dense_macs(prof))))
     keeps.append(float(np.mean([np.mean(g['mask']) for g in gates.values()])))
-    mask_ok &= all(np.array_equal(gates[k]['mask'], saux[k]['mask']) for k in gates)
 
   times = {k: [] for k in fns}
   for step in range(args.warmup + args.steps):
@@ -278,7 +310,7 @@ def main(argv=None):
 
   result = {k: stats(v) for k, v in times.items()}
   med = {k: v['median_ms'] for k, v in result.items()}
-  dense_best = min(med[k] for k in ('dense_flax', 'dense', 'masked') if k in med)
+  dense_best = min(med[k] for k in DENSE_COLUMNS if k in med)
   ratios = np.asarray(times['dense']) / np.asarray(times['sparse'])
   out = {
       'model': name, 'width': width, 'dataset': dataset, 'batch': args.batch,
@@ -290,7 +322,11 @@ def main(argv=None):
       'sparse_speedup': round(dense_best / med['sparse'], 3),
       'sparse_speedup_vs': {k: round(med[k] / med['sparse'], 3) for k in med if k != 'sparse'},
       'sparse_speedup_median_of_ratios_vs_dense': round(float(np.median(ratios)), 3),
-      'max_abs_logit_err': float(max(errs)), 'masks_equal': bool(mask_ok),
+      'max_abs_logit_err': float(max(errs['sparse'])), 'masks_equal': mask_ok['sparse'],
+      'native': native_status,
+      **({'native_sparse_speedup': round(dense_best / med['native_sparse'], 3),
+          'native_max_abs_logit_err': float(max(errs['native_sparse'])),
+          'native_masks_equal': mask_ok['native_sparse']} if nm else {}),
       'compile_s': compile_s,
       'policy': {'levels': args.levels, 'band': args.band, 'rows_max_pixels': args.rows_max_pixels,
                  'min_channels': args.min_channels},

@@ -50,7 +50,7 @@ class Model:
   (the step directory), ``meta``.
   """
 
-  def __init__(self, restored: evaluate.Restored, sparse: bool = False):
+  def __init__(self, restored: evaluate.Restored, sparse: bool | str = False):
     self.config = restored.config
     self.variables = restored.variables
     self.model = restored.model
@@ -59,7 +59,7 @@ class Model:
     self.path = restored.path
     self.meta = restored.meta
     self._fns = {}
-    self._sparse = _sparse_model(self.model, self.variables) if sparse else None
+    self._sparse = _sparse_model(self.model, self.variables, sparse) if sparse else None
 
   def _run(self, outputs: tuple, images):
     if outputs not in self._fns:
@@ -75,16 +75,14 @@ class Model:
     """(N, classes) logits: the lean jitted forward for inference (no training
     targets, no MACs); batches of one take the sparse kernels with ``sparse=True``."""
     if self._sparse is not None and jnp.shape(images)[0] == 1:
-      return self._sparse(data.normalize(images, self.config.dataset))[0]
+      return self._sparse.predict(data.normalize(images, self.config.dataset))
     return self._run(('logits',), images)[0]
 
   def __call__(self, images):
     """(logits (N, classes), aux) for raw uint8 (N, H, W, 3) images.
 
-    With ``sparse=True`` a batch of one runs the sparse kernels
-    (``fttw_jax.sparse``); its ``aux['gates']`` then holds 'logits' and 'mask'.
-    Faster than dense only where convs are wide (VGG16-BN, ImageNet ResNets; see
-    bench/RESULTS.md).
+    With ``sparse`` set, a batch of one runs the sparse kernels; its
+    ``aux['gates']`` then holds 'logits' and 'mask' (see ``load``).
     """
     if self._sparse is not None and jnp.shape(images)[0] == 1:
       logits, gates = self._sparse(data.normalize(images, self.config.dataset))
@@ -108,20 +106,37 @@ class Model:
             f'{self.path})')
 
 
-def _sparse_model(model, variables):
-  """The batch-1 sparse runner, or a clear error when this model cannot use it."""
-  try:
-    from fttw_jax import sparse
-  except ImportError as e:
-    raise ValueError(f'sparse=True needs fttw_jax.sparse, which failed to import: {e}') from e
+SPARSE_KINDS = (True, 'native', 'xla')
+
+
+def _sparse_model(model, variables, kind):
+  """The batch-1 sparse runner ``kind`` names, or a clear error when it cannot be had.
+
+  True picks the C++ custom call (``fttw_jax.sparse_native``) where the
+  architecture has it and a compiler is here, else the XLA path (``fttw_jax.sparse``).
+  """
+  from fttw_jax import native, sparse, sparse_native
+  if kind not in SPARSE_KINDS:
+    raise ValueError(f'sparse={kind!r} is invalid; valid values: False, {SPARSE_KINDS}')
+  if kind is True:
+    supported = type(model) in sparse_native.ARCHS
+    kind = 'native' if supported and native.available() else 'xla'
+  if kind == 'native':
+    return sparse_native.NativeSparseModel.from_variables(model, variables)
   return sparse.SparseModel.from_variables(model, variables)
 
 
-def load(path, which: str | int = 'best', sparse: bool = False) -> Model:
+def load(path, which: str | int = 'best', sparse: bool | str = False) -> Model:
   """Restore a workdir's (or a checkpoint directory's) variables as a ``Model``.
 
   ``which``: 'best' (by eval top-1; the latest if no eval has run), 'latest',
   or a step. A path without a checkpoint raises FileNotFoundError; a
   checkpoint whose arrays do not fit its config raises ValueError.
+
+  ``sparse``: batches of one run only the channels their masks keep. 'native':
+  one C++ custom call per conv (``fttw_jax.sparse_native``; ResNets and VGG16-BN;
+  built on first use with the machine's compiler); 'xla': pure XLA
+  (``fttw_jax.sparse``; every architecture); True: 'native' where it can be had,
+  else 'xla'. Measured speedups over dense: bench/RESULTS.md.
   """
   return Model(evaluate.restore(path, which), sparse=sparse)

@@ -518,8 +518,9 @@ _ARCHS: dict[type, Callable] = {ResNet: _resnet, VGG: _vgg, MobileNetV1: _mobile
 _PROJECTIONS = ('downsample_conv', 'downsample_bn', 'shortcut_conv', 'shortcut_bn')
 
 
-def fold_variables(variables) -> dict:
-  """{layer path: {'w', 'b'[, 'head_w', 'head_b']}} with BN folded into every conv."""
+def fold_variables(variables, input_major: bool = True) -> dict:
+  """{layer path: {'w', 'b'[, 'head_w', 'head_b', 'w_in']}} with BN folded into every
+  conv; ``input_major``: also the input-major kernel copies (see ``take_inputs``)."""
   params, stats = variables['params'], variables['batch_stats']
   out = {}
 
@@ -529,7 +530,7 @@ def fold_variables(variables) -> dict:
       if HEAD_NAME in tree:
         entry['head_w'] = jnp.asarray(tree[HEAD_NAME]['kernel'], jnp.float32)
         entry['head_b'] = jnp.asarray(tree[HEAD_NAME]['bias'], jnp.float32)
-        if entry['w'].shape[2] > 1:             # not depthwise: see ``take_inputs``
+        if input_major and entry['w'].shape[2] > 1:             # not depthwise
           entry['w_in'] = jnp.transpose(entry['w'], (2, 0, 1, 3))
       out[path] = entry
       return
@@ -565,12 +566,57 @@ def check_supported(model) -> Callable:
   return walker
 
 
-class SparseModel:
-  """Batch-1 sparse inference of a gated model; equal to ``model.apply`` (eval mode).
+class Executor:
+  """The calls both sparse runners share (this one and ``sparse_native``'s).
 
-  ``__call__(x)`` is the sparse path; ``masked_dense`` and ``dense`` run the same
-  kernels (folded BN, same conv implementation) at full width with and without
-  masks: the fair baselines for timing. Batches run sample by sample (``lax.map``).
+  ``__call__(x)`` is the sparse path, ``predict(x)`` its logits alone;
+  ``masked_dense`` and ``dense`` run the same kernels at full width with and
+  without masks: the fair baselines for timing. Subclasses set ``params`` and
+  define ``_forward_fn(mode)`` -> ``f(params, xs) -> (logits, aux)``.
+  """
+
+  def __call__(self, x):
+    """Sparse forward: (logits (N, classes), {layer: {'logits', 'mask'}} each (N, C))."""
+    return self._run('sparse', x)
+
+  def predict(self, x):
+    """Sparse forward, logits only (N, classes): the masks are not materialised."""
+    return self._run('sparse', x, logits_only=True)
+
+  def masked_dense(self, x):
+    """Masked dense forward with the same kernels (every layer at full width)."""
+    return self._run('masked', x)
+
+  def dense(self, x):
+    """The plain network (no heads, no masks) with the same kernels: (N, classes)."""
+    return self._run('dense', x, logits_only=True)
+
+  def _run(self, mode, x, logits_only=False):
+    fns = self.__dict__.setdefault('_fns', {})
+    key = (mode, logits_only)
+    if key not in fns:
+      fn = self._forward_fn(mode)
+      fns[key] = jax.jit((lambda p, x: fn(p, x)[0]) if logits_only else fn)
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 3:
+      x = x[None]
+    if x.ndim != 4:
+      raise ValueError(f'expected images (N, H, W, C) or (H, W, C), got shape {x.shape}')
+    return fns[key](self.params, x)
+
+
+def map_samples(one, xs):
+  """``one(x) -> (logits (classes,), aux)`` over the batch: directly for one sample,
+  else ``lax.map`` (a ``vmap`` would run every ``lax.switch`` branch)."""
+  if xs.shape[0] == 1:
+    logits, aux = one(xs[0])
+    return logits[None], jax.tree.map(lambda a: a[None], aux)
+  return lax.map(one, xs)
+
+
+class SparseModel(Executor):
+  """Batch-1 sparse inference of a gated model in XLA; equal to ``model.apply`` (eval
+  mode). Batches run sample by sample. See ``Executor`` for the calls.
   """
 
   def __init__(self, model, params: dict, levels: int = 16, band: int = 2,
@@ -583,7 +629,6 @@ class SparseModel:
       raise ValueError(f'band must be >= 0, got {band!r}')
     self.policy = dict(levels=levels, band=band, rows_max_pixels=rows_max_pixels,
                        min_channels=min_channels)
-    self._fns = {}
 
   @classmethod
   def from_variables(cls, model, variables, **policy) -> 'SparseModel':
@@ -596,28 +641,9 @@ class SparseModel:
     check_supported(model)
     return cls(model, fold_variables(variables), **policy)
 
-  def __call__(self, x):
-    """Sparse forward: (logits (N, classes), {layer: {'logits', 'mask'}} each (N, C))."""
-    return self._run('sparse', x)
-
-  def masked_dense(self, x):
-    """Masked dense forward with the same kernels (every layer at full width)."""
-    return self._run('masked', x)
-
-  def dense(self, x):
-    """The plain network (no heads, no masks) with the same kernels: (N, classes)."""
-    return self._run('dense', x)[0]
-
-  def _run(self, mode, x):
-    if mode not in self._fns:
-      self._fns[mode] = jax.jit(functools.partial(_forward, self.walker, self.model, mode,
-                                                  tuple(sorted(self.policy.items()))))
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim == 3:
-      x = x[None]
-    if x.ndim != 4:
-      raise ValueError(f'expected images (N, H, W, C) or (H, W, C), got shape {x.shape}')
-    return self._fns[mode](self.params, x)
+  def _forward_fn(self, mode):
+    return functools.partial(_forward, self.walker, self.model, mode,
+                             tuple(sorted(self.policy.items())))
 
 
 def _forward(walker, model, mode, policy, params, xs):
@@ -628,7 +654,4 @@ def _forward(walker, model, mode, policy, params, xs):
     run = _Runner(params, model.gate, gated=mode != 'dense', **policy)
     logits = walker(run, model, x[None])[0]
     return logits, run.aux
-  if xs.shape[0] == 1:
-    logits, aux = one(xs[0])
-    return logits[None], jax.tree.map(lambda a: a[None], aux)
-  return lax.map(one, xs)
+  return map_samples(one, xs)

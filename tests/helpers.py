@@ -1,8 +1,11 @@
 """Small shared helpers for the tests."""
 
 import dataclasses
+import os
+import shutil
 
 import numpy as np
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +52,39 @@ def strip_heads(params):
   if isinstance(params, dict):
     return {k: strip_heads(v) for k, v in params.items() if k != models.gating.HEAD_NAME}
   return params
+
+
+def head_paths(params, prefix=()):
+  for k, v in params.items():
+    if k == models.gating.HEAD_NAME:
+      yield prefix
+    elif isinstance(v, dict):
+      yield from head_paths(v, prefix + (k,))
+
+
+def set_heads(variables, seed, off=1, on=2):
+  """Margin masks: small head kernels, biases +-[0.06, 0.3]; the ``off``-th head (in
+  sorted path order) all off, the ``on``-th all on, the others keep a random 20-80%
+  of their channels. Returns (variables, off layer, on layer)."""
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(np.asarray, variables['params'])
+  paths = sorted(head_paths(params))
+  for i, path in enumerate(paths):
+    head = params
+    for k in path:
+      head = head[k]
+    head = head[models.gating.HEAD_NAME]
+    c = head['bias'].shape[0]
+    keep = 0.0 if i == off else 1.0 if i == on else rng.uniform(0.2, 0.8)
+    sign = np.where(rng.random(c) < keep, 1.0, -1.0)
+    head['bias'] = (sign * rng.uniform(0.06, 0.3, c)).astype(np.float32)
+    head['kernel'] = (0.01 * rng.standard_normal(head['kernel'].shape)).astype(np.float32)
+  return {**variables, 'params': params}, '/'.join(paths[off]), '/'.join(paths[on])
+
+
+def skip_without_compiler():
+  """The native custom call needs a C++ compiler; where there is none, say so and skip
+  (a compiler that is there but fails the build is a test failure, not a skip)."""
+  cxx = os.environ.get('CXX', 'c++')
+  if shutil.which(cxx) is None:
+    pytest.skip(f'no C++ compiler {cxx!r}: fttw_jax.native cannot be built here')

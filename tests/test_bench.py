@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,8 +32,19 @@ def test_inference_bench_checks_sparse_against_apply():
                    '--samples', '2', '--keep', '0.5', '--min-channels', '8', '--levels', '2')
   assert out['masks_equal'] and out['max_abs_logit_err'] < 1e-4
   assert 0.3 < out['exact_flops_reduction'] < 0.9 and out['mean_keep'] == pytest.approx(0.5, 0.1)
-  assert set(out['times']) == {'dense_flax', 'gated_flax', 'dense', 'masked', 'sparse'}
+  columns = {'dense_flax', 'gated_flax', 'dense', 'masked', 'sparse'}
   assert out['sparse_speedup'] > 0
+  if out['native'] == 'ok':
+    assert out['native_masks_equal'] and out['native_max_abs_logit_err'] < 1e-4
+    assert out['native_sparse_speedup'] > 0
+    columns |= {'native_dense', 'native_masked', 'native_sparse'}
+  else:
+    assert out['native'].startswith('unavailable') and not shutil.which(os.environ.get('CXX', 'c++'))
+  assert set(out['times']) == columns
+  out = bench_json('inference.py', '--model', 'mobilenet_v1', '--width', '0.25', '--steps', '1',
+                   '--warmup', '0', '--samples', '1', '--min-channels', '8', '--levels', '2',
+                   '--skip', 'gated_flax,dense_flax')
+  assert out['native'] == 'unsupported architecture MobileNetV1' and out['masks_equal']
 
 
 def test_profile_ops_counts_ops_per_forward():

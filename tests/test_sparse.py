@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fttw_jax import models, sparse
-from helpers import init_gated, strip_heads, with_gate
+from helpers import init_gated, set_heads, strip_heads, with_gate
 
 POLICY = dict(levels=2, min_channels=8, rows_max_pixels=64)  # few branches: fast compiles
 ARCHS = [  # (name, width)
@@ -26,34 +26,6 @@ ARCHS = [  # (name, width)
     pytest.param('mobilenet_v1_imagenet', 0.25, marks=pytest.mark.slow),
     pytest.param('resnet56', 0.5, marks=pytest.mark.slow),
 ]
-
-
-def head_paths(params, prefix=()):
-  for k, v in params.items():
-    if k == models.gating.HEAD_NAME:
-      yield prefix
-    elif isinstance(v, dict):
-      yield from head_paths(v, prefix + (k,))
-
-
-def set_heads(variables, seed, off=1, on=2):
-  """Margin masks: small head kernels, biases +-[0.06, 0.3]; the ``off``-th head (in
-  sorted path order) all off, the ``on``-th all on, the others keep a random 20-80%
-  of their channels. Returns (variables, off layer, on layer)."""
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(np.asarray, variables['params'])
-  paths = sorted(head_paths(params))
-  for i, path in enumerate(paths):
-    head = params
-    for k in path:
-      head = head[k]
-    head = head[models.gating.HEAD_NAME]
-    c = head['bias'].shape[0]
-    keep = 0.0 if i == off else 1.0 if i == on else rng.uniform(0.2, 0.8)
-    sign = np.where(rng.random(c) < keep, 1.0, -1.0)
-    head['bias'] = (sign * rng.uniform(0.06, 0.3, c)).astype(np.float32)
-    head['kernel'] = (0.01 * rng.standard_normal(head['kernel'].shape)).astype(np.float32)
-  return {**variables, 'params': params}, '/'.join(paths[off]), '/'.join(paths[on])
 
 
 def check_equal(model, variables, x, **policy):

@@ -14,6 +14,7 @@ import pytest
 from fttw_jax import api, checkpoint, data, estimate, evaluate, flops, paper_results, report
 from fttw_jax import config as config_lib
 from fttw_jax import train
+from helpers import skip_without_compiler
 from test_train import loop_config
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -245,8 +246,11 @@ def test_api_errors(runs, tmp_path):
     api.load(tmp_path / 'bad')
 
 
-def test_api_sparse_batch_of_one_matches_dense(runs):
-  m = api.load(runs['ftwt'], 'latest', sparse=True)
+@pytest.mark.parametrize('kind', ['xla', 'native'])
+def test_api_sparse_batch_of_one_matches_dense(runs, kind):
+  if kind == 'native':
+    skip_without_compiler()
+  m = api.load(runs['ftwt'], 'latest', sparse=kind)
   x = next(data.create_eval_iterator('digits', 4, data_dir=runs['data_dir']))['image']
   dense_logits, dense_aux, _ = m.forward(x[:1])
   logits, aux = m(x[:1])
@@ -256,4 +260,6 @@ def test_api_sparse_batch_of_one_matches_dense(runs):
   for name, g in aux['gates'].items():
     np.testing.assert_array_equal(g['mask'], dense_aux['gates'][name]['mask'])
   with pytest.raises(ValueError, match='gated model'):
-    api.load(runs['dense'], sparse=True)
+    api.load(runs['dense'], sparse=kind)
+  with pytest.raises(ValueError, match="sparse='fast' is invalid"):
+    api.load(runs['ftwt'], sparse='fast')

@@ -1,0 +1,392 @@
+// One gated conv layer of FTWT at batch 1 as an XLA FFI custom call (issue 6).
+//
+// Why a custom call: on XLA:CPU a batch-1 CIFAR ResNet is bound by per-op dispatch,
+// not by MACs (bench/RESULTS.md: the sparse XLA path ran ~1,200 small ops against
+// dense's ~120). This handler does a whole layer in one call: the head (pool,
+// softmax, matvec, > 0), then a direct convolution over the input channels that are
+// not identically zero and the output channels the head keeps, then BN bias, the
+// activation and the residual. Switched-off channels cost nothing but a fill.
+//
+// Layout: activations CHW (one sample), kernels OIHW with BN folded in. Inputs:
+// x (Cin,H,W), w (Cout,Cin,k,k), b (Cout), head_w (Cin,Cout), head_b (Cout),
+// residual (Cout,Ho,Wo); an empty (size 0) head_w means "no head" and an empty
+// residual "no residual". Outputs: y (Cout,Ho,Wo), logits (Cout) (zeros without a
+// head). Attributes: stride, pad, relu (activation after BN), post_relu (after the
+// residual add), after_block (y = mask * relu(conv + residual)), pool_max, softmax,
+// sparse (skip switched-off channels; false computes every channel, then masks:
+// the masked dense forward with the same kernel).
+//
+// The conv kernel: the active input channels are copied once into a zero-padded,
+// column-phase-split buffer (stride s: s planes of every s-th column), so every
+// tap reads contiguous floats; each tile accumulates OB output channels x T
+// vectors of 8 output pixels in registers (GCC vector extensions: AVX/AVX-512/NEON
+// as the build machine has).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kOB = 4;  // output channels per tile
+constexpr int kT = 2;   // vectors of 8 output pixels per tile (4 measured slower on Zen 4)
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vf splat(float a) {
+  vf v = {};
+  return v + a;
+}
+
+inline vf Relu(vf a) { return (vf)((vi)a & (vi)(a > splat(0.0f))); }
+inline float Relu(float a) { return a > 0.0f ? a : 0.0f; }
+
+struct Geometry {
+  int cin, h, w, cout, k, stride, pad, ho, wo;
+  int hp, wq, plane;  // padded rows, padded phase-row width, floats per channel
+  int vec_per_row, vecs;
+};
+
+Geometry MakeGeometry(int cin, int h, int w, int cout, int k, int stride, int pad) {
+  Geometry g{cin, h, w, cout, k, stride, pad, 0, 0, 0, 0, 0, 0, 0};
+  g.ho = (h + 2 * pad - k) / stride + 1;
+  g.wo = (w + 2 * pad - k) / stride + 1;
+  g.vec_per_row = (g.wo + kLanes - 1) / kLanes;
+  g.vecs = g.ho * g.vec_per_row;
+  g.hp = (g.ho - 1) * stride + k;
+  g.wq = g.vec_per_row * kLanes + (k - 1) / stride + 1;
+  g.plane = stride * g.hp * g.wq;
+  return g;
+}
+
+// Copy the listed input channels into the padded, phase-split buffer.
+void PackInput(const Geometry& g, const float* x, const int* in_idx, int n_in, float* xp) {
+  std::fill(xp, xp + static_cast<size_t>(n_in) * g.plane, 0.0f);
+  for (int i = 0; i < n_in; ++i) {
+    const float* src = x + static_cast<size_t>(in_idx[i]) * g.h * g.w;
+    float* dst = xp + static_cast<size_t>(i) * g.plane;
+    for (int r = 0; r < g.hp; ++r) {
+      int row = r - g.pad;
+      if (row < 0 || row >= g.h) continue;
+      const float* s = src + row * g.w;
+      if (g.stride == 1) {
+        std::memcpy(dst + r * g.wq + g.pad, s, g.w * sizeof(float));
+        continue;
+      }
+      for (int p = 0; p < g.stride; ++p) {
+        float* d = dst + (p * g.hp + r) * g.wq;
+        for (int q = 0; q < g.wq; ++q) {
+          int col = q * g.stride + p - g.pad;
+          if (col >= 0 && col < g.w) d[q] = s[col];
+        }
+      }
+    }
+  }
+}
+
+// acc[j][t] = sum over active inputs and taps of w[out[j]][in] * x: T vector positions
+// (8 pixels each) starting at vector position v0, OB output channels.
+template <int T, int K>
+void Tile(const Geometry& g, const float* xp, const float* w, const int* in_idx, int n_in,
+          const int* outs, int n_outs, int v0, vf out[kOB][T]) {
+  const int kk = K > 0 ? K * K : g.k * g.k;
+  int base[T];
+  for (int t = 0; t < T; ++t) {
+    int v = std::min(v0 + t, g.vecs - 1);
+    int y = v / g.vec_per_row, xv = v % g.vec_per_row;
+    base[t] = y * g.stride * g.wq + xv * kLanes;
+  }
+  int tap_off[64];
+  for (int ky = 0; ky < g.k; ++ky)
+    for (int kx = 0; kx < g.k; ++kx)
+      tap_off[ky * g.k + kx] = ((kx % g.stride) * g.hp + ky) * g.wq + kx / g.stride;
+  vf acc[kOB][T];  // local, so that it lives in registers (``out`` may alias the inputs)
+  for (int j = 0; j < kOB; ++j)
+    for (int t = 0; t < T; ++t) acc[j][t] = splat(0.0f);
+  const float* wrow[kOB];
+  for (int i = 0; i < n_in; ++i) {
+    const float* xi = xp + static_cast<size_t>(i) * g.plane;
+    for (int j = 0; j < kOB; ++j)
+      wrow[j] = w + (static_cast<size_t>(outs[std::min(j, n_outs - 1)]) * g.cin + in_idx[i]) * kk;
+#pragma GCC unroll 9
+    for (int tap = 0; tap < kk; ++tap) {
+      vf in[T];
+      for (int t = 0; t < T; ++t) in[t] = load(xi + base[t] + tap_off[tap]);
+      for (int j = 0; j < kOB; ++j) {
+        vf wv = splat(wrow[j][tap]);
+        for (int t = 0; t < T; ++t) acc[j][t] += wv * in[t];
+      }
+    }
+  }
+  for (int j = 0; j < kOB; ++j)
+    for (int t = 0; t < T; ++t) out[j][t] = acc[j][t];
+}
+
+struct Layer {
+  Geometry g;
+  const float* xp;
+  const float* w;
+  const float* b;
+  const float* residual;  // nullptr: none
+  const float* mask;      // nullptr: all on
+  const int* in_idx;
+  int n_in;
+  const int* outs;  // output channels to compute
+  int n_outs;
+  bool relu, post_relu, after_block;
+  float* y;
+};
+
+// Finish 8 computed output values z (conv + bias) of channel o at offset pix.
+inline vf Finish(const Layer& L, int o, size_t pix, vf z) {
+  vf m = splat(L.mask ? L.mask[o] : 1.0f);
+  if (L.residual) {
+    vf r = load(L.residual + pix);
+    if (L.after_block) return m * Relu(z + r);
+    vf a = (L.relu ? Relu(z) : z) * m + r;
+    return L.post_relu ? Relu(a) : a;
+  }
+  return (L.relu ? Relu(z) : z) * m;
+}
+
+template <int T, int K>
+void RunBlock(const Layer& L, int ob, int v_begin, int v_end) {
+  const Geometry& g = L.g;
+  const int* outs = L.outs + ob * kOB;
+  int n = std::min(kOB, L.n_outs - ob * kOB);
+  vf acc[kOB][T];
+  float tmp[kLanes];
+  for (int v0 = v_begin; v0 < v_end; v0 += T) {
+    Tile<T, K>(g, L.xp, L.w, L.in_idx, L.n_in, outs, n, v0, acc);
+    for (int j = 0; j < n; ++j) {
+      int o = outs[j];
+      vf bias = splat(L.b[o]);
+      for (int t = 0; t < T && v0 + t < v_end; ++t) {
+        int v = v0 + t;
+        int yrow = v / g.vec_per_row, x0 = (v % g.vec_per_row) * kLanes;
+        int nx = std::min(kLanes, g.wo - x0);
+        size_t off = (static_cast<size_t>(o) * g.ho + yrow) * g.wo + x0;
+        if (nx == kLanes) {
+          vf z = Finish(L, o, off, acc[j][t] + bias);
+          std::memcpy(L.y + off, &z, sizeof(z));
+          continue;
+        }
+        // Partial vector (outputs narrower than 8): stage the residual, store nx lanes.
+        vf z = acc[j][t] + bias;
+        Layer part = L;
+        if (L.residual) {
+          std::memset(tmp, 0, sizeof(tmp));
+          std::memcpy(tmp, L.residual + off, nx * sizeof(float));
+          part.residual = tmp;
+        }
+        z = Finish(part, o, 0, z);
+        std::memcpy(L.y + off, &z, nx * sizeof(float));
+      }
+    }
+  }
+}
+
+// Work item ``item`` of ``chunks`` per output block: one block, a range of pixel vectors.
+void RunItem(const Layer& L, int item, int chunks) {
+  int ob = item / chunks, c = item % chunks;
+  int per = (L.g.vecs + chunks - 1) / chunks;
+  per = (per + kT - 1) / kT * kT;
+  int v_begin = c * per, v_end = std::min(L.g.vecs, v_begin + per);
+  if (v_begin >= v_end) return;
+  if (L.g.k == 3) RunBlock<kT, 3>(L, ob, v_begin, v_end);
+  else if (L.g.k == 1) RunBlock<kT, 1>(L, ob, v_begin, v_end);
+  else RunBlock<kT, 0>(L, ob, v_begin, v_end);
+}
+
+// Work items shared between the calling thread and XLA's intra-op pool. The
+// caller claims items too, so the call finishes even if no pool thread ever runs
+// the scheduled task; the state lives in a shared_ptr for tasks that run late.
+struct Work {
+  Layer layer;
+  int items, chunks;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  void Drain() {
+    for (int i; (i = next.fetch_add(1)) < items;) {
+      RunItem(layer, i, chunks);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void RunParallel(const Layer& L, ffi::ThreadPool pool) {
+  int blocks = (L.n_outs + kOB - 1) / kOB;
+  int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * L.g.k * L.g.k * L.g.ho * L.g.wo;
+  int helpers = macs < (1 << 21) ? 0 : static_cast<int>(pool.num_threads());  // else not worth a hand-off
+  // About 4 items per thread, so that a late helper does not leave the caller waiting long.
+  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (L.g.vecs + kT - 1) / kT);
+  if (helpers == 0) chunks = 1;
+  int items = blocks * chunks;
+  helpers = std::min(helpers, items - 1);
+  if (helpers <= 0) {
+    for (int i = 0; i < items; ++i) RunItem(L, i, chunks);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->layer = L;
+  work->items = items;
+  work->chunks = chunks;
+  for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  // A helper holds a claimed item: yield the core to it (there may be no other).
+  while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+struct ChannelStats {
+  float sum, max;
+  bool nonzero;
+};
+
+// Sum, max and "any nonzero" of one channel plane, 8 lanes at a time.
+ChannelStats Scan(const float* p, int n) {
+  vf sum = splat(0.0f), mx = splat(-INFINITY);
+  vi nz = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf v = load(p + i);
+    sum += v;
+    mx = (vf)(((vi)v & (vi)(v > mx)) | ((vi)mx & ~(vi)(v > mx)));
+    nz |= (vi)(v != splat(0.0f));
+  }
+  ChannelStats st{0.0f, -INFINITY, false};
+  for (int l = 0; l < kLanes; ++l) {
+    st.sum += sum[l];
+    st.max = std::max(st.max, mx[l]);
+    st.nonzero |= nz[l] != 0;
+  }
+  for (; i < n; ++i) {
+    st.sum += p[i];
+    st.max = std::max(st.max, p[i]);
+    st.nonzero |= p[i] != 0.0f;
+  }
+  return st;
+}
+
+ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
+                         ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                         ffi::ResultBuffer<ffi::F32> logits, int64_t stride, int64_t pad,
+                         bool relu, bool post_relu, bool after_block, bool pool_max,
+                         bool softmax, bool sparse) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 3 || wd.size() != 4 || wd[1] != xd[0] || wd[2] != wd[3] || wd[2] > 8)
+    return ffi::Error::InvalidArgument("gated_conv: expected x (Cin,H,W), w (Cout,Cin,k,k), k<=8");
+  Geometry g = MakeGeometry(xd[0], xd[1], xd[2], wd[0], wd[2], stride, pad);
+  const bool gated = head_w.element_count() > 0;
+  const bool has_res = residual.element_count() > 0;
+  if (gated && (head_w.element_count() != static_cast<size_t>(g.cin) * g.cout ||
+                head_b.element_count() != static_cast<size_t>(g.cout)))
+    return ffi::Error::InvalidArgument("gated_conv: head must be (Cin,Cout) and (Cout,)");
+  if (has_res && residual.element_count() != static_cast<size_t>(g.cout) * g.ho * g.wo)
+    return ffi::Error::InvalidArgument("gated_conv: residual must be (Cout,Ho,Wo)");
+  const float* xs = x.typed_data();
+  const int hw = g.h * g.w;
+
+  // Input channel scan: pooled value (head) and "not identically zero" (sparse).
+  std::vector<float> pooled(g.cin);
+  std::vector<int> in_idx;
+  in_idx.reserve(g.cin);
+  for (int c = 0; c < g.cin; ++c) {
+    ChannelStats st = Scan(xs + static_cast<size_t>(c) * hw, hw);
+    pooled[c] = pool_max ? st.max : st.sum / hw;
+    if (st.nonzero || !sparse) in_idx.push_back(c);
+  }
+
+  float* out_logits = logits->typed_data();
+  std::vector<float> mask;
+  std::vector<int> outs;
+  outs.reserve(g.cout);
+  if (gated) {
+    if (softmax) {
+      float mx = *std::max_element(pooled.begin(), pooled.end()), sum = 0.0f;
+      for (float& v : pooled) sum += (v = std::exp(v - mx));
+      for (float& v : pooled) v /= sum;
+    }
+    const float* hw_ = head_w.typed_data();
+    std::copy(head_b.typed_data(), head_b.typed_data() + g.cout, out_logits);
+    for (int c = 0; c < g.cin; ++c) {
+      const float pc = pooled[c];
+      const float* row = hw_ + static_cast<size_t>(c) * g.cout;
+      for (int o = 0; o < g.cout; ++o) out_logits[o] += pc * row[o];
+    }
+    mask.resize(g.cout);
+    for (int o = 0; o < g.cout; ++o) {
+      mask[o] = out_logits[o] > 0.0f ? 1.0f : 0.0f;
+      if (mask[o] > 0.0f || !sparse) outs.push_back(o);
+    }
+  } else {
+    std::fill(out_logits, out_logits + g.cout, 0.0f);
+    for (int o = 0; o < g.cout; ++o) outs.push_back(o);
+  }
+
+  // Channels not computed: mask 0, so the output is post(residual) (0 after_block).
+  float* ys = y->typed_data();
+  const float* rs = has_res ? residual.typed_data() : nullptr;
+  const size_t opix = static_cast<size_t>(g.ho) * g.wo;
+  std::vector<char> computed(g.cout, 0);
+  for (int o : outs) computed[o] = 1;
+  for (int o = 0; o < g.cout; ++o) {
+    if (computed[o]) continue;
+    float* d = ys + o * opix;
+    if (!has_res || after_block) {
+      std::fill(d, d + opix, 0.0f);
+    } else {
+      const float* r = rs + o * opix;
+      for (size_t i = 0; i < opix; ++i) d[i] = post_relu ? Relu(r[i]) : r[i];
+    }
+  }
+  if (outs.empty()) return ffi::Error::Success();
+
+  static thread_local std::vector<float> xp;
+  xp.resize(std::max<size_t>(1, in_idx.size() * static_cast<size_t>(g.plane)));
+  PackInput(g, xs, in_idx.data(), static_cast<int>(in_idx.size()), xp.data());
+  Layer L{g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask.data() : nullptr,
+          in_idx.data(), static_cast<int>(in_idx.size()), outs.data(),
+          static_cast<int>(outs.size()), relu, post_relu, after_block, ys};
+  RunParallel(L, pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FttwGatedConv, GatedConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad")
+                                  .Attr<bool>("relu")
+                                  .Attr<bool>("post_relu")
+                                  .Attr<bool>("after_block")
+                                  .Attr<bool>("pool_max")
+                                  .Attr<bool>("softmax")
+                                  .Attr<bool>("sparse"));

@@ -1,0 +1,132 @@
+"""The C++ gated-conv custom call (``fttw_jax/csrc/gated_conv.cc``): built on first use.
+
+XLA:CPU dispatches every op of a batch-1 forward separately, and a CIFAR ResNet's
+layers are so small that dispatch, not MACs, sets the time; the XLA sparse path
+(``fttw_jax.sparse``) therefore cannot beat dense there. One custom call per
+layer runs the head, the narrow conv, BN, the activation and the residual.
+
+The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``)
+for the machine's CPU (``-march=native``) into a cache directory
+(``$FTTW_JAX_CACHE``, default ``~/.cache/fttw_jax``), keyed by the source, the
+jaxlib version and the CPU, so a shared home directory serves several machines.
+Nothing is downloaded. ``available()`` says whether it can be had here, and
+``NativeUnavailable`` carries the compiler's message when it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SOURCE = Path(__file__).parent / 'csrc' / 'gated_conv.cc'
+TARGET = 'fttw_gated_conv'
+CXXFLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+
+
+class NativeUnavailable(RuntimeError):
+  """The custom call cannot be built or loaded here (no compiler, build error)."""
+
+
+def _cpu_id() -> str:
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith(('flags', 'Features')):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def library_path() -> Path:
+  key = hashlib.sha256(b'\0'.join([
+      SOURCE.read_bytes(), jaxlib.__version__.encode(), platform.machine().encode(),
+      _cpu_id().encode(), ' '.join(CXXFLAGS).encode()])).hexdigest()[:16]
+  cache = Path(os.environ.get('FTTW_JAX_CACHE', Path.home() / '.cache' / 'fttw_jax'))
+  return cache / f'gated_conv-{key}.so'
+
+
+def build() -> Path:
+  """Compile the library unless the cache has it; return its path."""
+  out = library_path()
+  if out.exists():
+    return out
+  cxx = os.environ.get('CXX', 'c++')
+  if shutil.which(cxx) is None:
+    raise NativeUnavailable(f'no C++ compiler {cxx!r} on PATH (set $CXX) to build {SOURCE.name}')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)     # atomic: rename when built
+  os.close(fd)
+  cmd = [cxx, *CXXFLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      raise NativeUnavailable(
+          f'building {SOURCE.name} failed ({" ".join(cmd)}):\n{proc.stderr[-4000:]}')
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
+@functools.cache
+def _register() -> None:
+  lib = ctypes.CDLL(str(build()))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FttwGatedConv), platform='cpu')
+
+
+def ensure() -> None:
+  """Build (if needed) and register the custom call; NativeUnavailable if it cannot be."""
+  try:
+    _register()
+  except (OSError, AttributeError) as e:
+    raise NativeUnavailable(f'loading {library_path()} failed: {e}') from e
+
+
+def available() -> bool:
+  try:
+    ensure()
+  except NativeUnavailable:
+    return False
+  return True
+
+
+_EMPTY = np.zeros((0,), np.float32)
+
+
+def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool = True,
+               post_relu: bool = True, after_block: bool = False, pool: str = 'avg',
+               softmax: bool = True, sparse: bool = True):
+  """One layer at batch 1, CHW: ``(y (Cout, Ho, Wo), head logits (Cout,))``.
+
+  ``w`` is OIHW with BN folded in, ``b`` its bias; ``head`` = (head_w (Cin, Cout),
+  head_b (Cout,)) or None (a plain conv: logits are zeros); ``residual`` (Cout, Ho,
+  Wo) or None. ``sparse=False`` computes every channel and then masks. Batches:
+  ``jax.vmap`` (runs sample by sample).
+  """
+  ensure()
+  cout, _, k, _ = w.shape
+  pad = k // 2
+  ho = (x.shape[1] + 2 * pad - k) // stride + 1
+  wo = (x.shape[2] + 2 * pad - k) // stride + 1
+  head_w, head_b = head if head is not None else (_EMPTY, _EMPTY)
+  call = jax.ffi.ffi_call(
+      TARGET, (jax.ShapeDtypeStruct((cout, ho, wo), jnp.float32),
+               jax.ShapeDtypeStruct((cout,), jnp.float32)),
+      vmap_method='sequential')
+  return call(x, w, b, head_w, head_b, _EMPTY if residual is None else residual,
+              stride=stride, pad=pad, relu=relu, post_relu=post_relu,
+              after_block=after_block, pool_max=pool == 'max', softmax=softmax,
+              sparse=sparse)

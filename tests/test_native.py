@@ -1,0 +1,171 @@
+"""The C++ gated-conv custom call and the native sparse runner (issue 6).
+
+The layer kernel is checked against a lax reference over the shapes it has code
+paths for (stride 1/2, 1x1 to 7x7 kernels, outputs narrower than a vector, the
+residual modes, avg/max pools), and the whole runner against ``model.apply`` with
+margin masks that switch one layer entirely off and one entirely on.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fttw_jax import models, native, sparse_native
+from helpers import init_gated, set_heads, skip_without_compiler, strip_heads, with_gate
+
+
+@pytest.fixture(autouse=True)
+def compiled():
+  skip_without_compiler()
+  native.ensure()
+
+
+def reference(x, w, b, head, residual, stride, relu, post_relu, after_block, pool, softmax):
+  k = w.shape[2]
+  z = lax.conv_general_dilated(x[None], w, (stride, stride), [(k // 2, k // 2)] * 2,
+                               dimension_numbers=('NCHW', 'OIHW', 'NCHW'))[0]
+  z = z + b[:, None, None]
+  act = jax.nn.relu if relu else (lambda t: t)
+  if head is None:
+    return act(z), jnp.zeros(w.shape[0])
+  pooled = x.max(axis=(1, 2)) if pool == 'max' else x.mean(axis=(1, 2))
+  if softmax:
+    pooled = jax.nn.softmax(pooled)
+  logits = pooled @ head[0] + head[1]
+  m = (logits > 0).astype(jnp.float32)[:, None, None]
+  if residual is None:
+    return act(z) * m, logits
+  if after_block:
+    return m * jax.nn.relu(z + residual), logits
+  a = act(z) * m + residual
+  return (jax.nn.relu(a) if post_relu else a), logits
+
+
+SHAPES = [  # (Cin, H, Cout, k, stride)
+    (16, 32, 16, 3, 1), (16, 32, 32, 3, 2), (64, 8, 64, 3, 1), (5, 7, 9, 3, 2),
+    (3, 12, 16, 3, 1), (32, 2, 24, 3, 1), (8, 9, 12, 1, 2), (4, 15, 8, 7, 2)]
+OPTIONS = [  # (relu, post_relu, after_block, pool, softmax)
+    (True, True, False, 'avg', True), (False, True, False, 'max', False),
+    (False, False, False, 'avg', True), (False, True, True, 'avg', True)]
+
+
+@pytest.mark.parametrize('cin,h,cout,k,stride', SHAPES)
+def test_layer_matches_reference(cin, h, cout, k, stride):
+  rng = np.random.default_rng(cin * h + k)
+  x = rng.standard_normal((cin, h, h)).astype(np.float32)
+  x[rng.random(cin) < 0.4] = 0                       # channels switched off upstream
+  w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+  b = rng.standard_normal(cout).astype(np.float32)
+  head = (rng.standard_normal((cin, cout)).astype(np.float32),
+          (0.3 * rng.standard_normal(cout)).astype(np.float32))
+  ho = (h + 2 * (k // 2) - k) // stride + 1
+  residual = rng.standard_normal((cout, ho, ho)).astype(np.float32)
+  for i, (relu, post_relu, after_block, pool, softmax) in enumerate(OPTIONS):
+    res = residual if i else None
+    ref, ref_logits = reference(x, w, b, head, res, stride, relu, post_relu, after_block,
+                                pool, softmax)
+    assert 0 < float(jnp.mean(ref_logits > 0)) < 1
+    for sparse in (True, False):
+      y, logits = native.gated_conv(x, w, b, head, res, stride=stride, relu=relu,
+                                    post_relu=post_relu, after_block=after_block, pool=pool,
+                                    softmax=softmax, sparse=sparse)
+      np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4, err_msg=f'{i} {sparse}')
+      np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  y, logits = native.gated_conv(x, w, b, None, None, stride=stride, relu=False)  # plain conv
+  np.testing.assert_allclose(y, reference(x, w, b, None, None, stride, False, 0, 0, 0, 0)[0],
+                             atol=2e-4, rtol=1e-4)
+  assert not np.any(logits)
+
+
+@pytest.mark.parametrize('bias', [-1.0, 1.0])
+def test_layer_all_off_and_all_on(bias):
+  rng = np.random.default_rng(0)
+  x = np.abs(rng.standard_normal((8, 16, 16))).astype(np.float32)
+  w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+  b = rng.standard_normal(16).astype(np.float32)
+  head = (np.zeros((8, 16), np.float32), np.full(16, bias, np.float32))
+  residual = rng.standard_normal((16, 16, 16)).astype(np.float32)
+  y, _ = native.gated_conv(x, w, b, head, residual, relu=False)
+  ref, _ = reference(x, w, b, head, residual, 1, False, True, False, 'avg', True)
+  np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4)
+  if bias < 0:    # every output switched off: the block passes relu(residual) through
+    np.testing.assert_array_equal(y, np.maximum(residual, 0))
+
+
+def check_equal(model, variables, x):
+  ref, aux = jax.jit(model.apply)(variables, x)
+  nm = sparse_native.NativeSparseModel.from_variables(model, variables)
+  out, naux = nm(x)
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(nm.predict(x), ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(nm.masked_dense(x)[0], ref, atol=1e-4, rtol=1e-4)
+  gates = aux['gates']
+  assert set(naux) == set(gates)
+  for name, g in gates.items():
+    np.testing.assert_array_equal(naux[name]['mask'], g['mask'], err_msg=name)
+    np.testing.assert_allclose(naux[name]['logits'], g['logits'], atol=1e-4, err_msg=name)
+  return gates, nm
+
+
+@pytest.mark.parametrize('name,width', [
+    ('resnet20', 0.5), ('vgg16_bn', 0.25), ('resnet18', 0.25),
+    pytest.param('resnet56', 0.5, marks=pytest.mark.slow)])
+def test_native_equals_masked_dense(name, width):
+  model, variables, x = init_gated(name, batch=1, width=width)
+  variables, off, on = set_heads(variables, seed=1)
+  gates, nm = check_equal(model, variables, x)
+  kept = {k: float(np.mean(g['mask'])) for k, g in gates.items()}
+  assert kept[off] == 0.0 and kept[on] == 1.0
+  assert 0.0 < np.mean(list(kept.values())) < 1.0
+  base = models.create_model(name, num_classes=10, width=width)
+  base_vars = {'params': strip_heads(variables['params']),
+               'batch_stats': variables['batch_stats']}
+  np.testing.assert_allclose(nm.dense(x), jax.jit(base.apply)(base_vars, x)[0],
+                             atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('gate', [dict(gt_after_block=True), dict(pool='max', softmax=False)])
+def test_gate_options(gate):
+  model, variables, x = init_gated('resnet20', batch=1, width=0.5)
+  check_equal(with_gate(model, **gate), set_heads(variables, seed=2)[0], x)
+
+
+def test_batches_run_sample_by_sample():
+  model, variables, x = init_gated('resnet20', batch=3, width=0.5, seed=4)
+  variables = set_heads(variables, seed=3)[0]
+  x = x * jnp.arange(1, 4).reshape(3, 1, 1, 1)       # three different samples
+  nm = check_equal(model, variables, x)[1]
+  assert nm(x[0])[0].shape == (1, 10)                 # one (H, W, C) image
+
+
+def test_errors():
+  model, variables, _ = init_gated('mobilenet_v1', batch=1, width=0.25)
+  with pytest.raises(ValueError, match=r'does not support MobileNetV1.*SparseModel'):
+    sparse_native.NativeSparseModel.from_variables(model, variables)
+  resnet, variables, _ = init_gated('resnet20', batch=1, width=0.5)
+  with pytest.raises(ValueError, match='gated model'):
+    sparse_native.NativeSparseModel.from_variables(resnet.clone(gate=None), variables)
+  with pytest.raises(ValueError, match='does not support Dense'):
+    sparse_native.check_supported(nn.Dense(3))
+
+
+def test_build_cache_and_errors(tmp_path, monkeypatch):
+  monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'cache'))
+  path = native.build()
+  mtime = path.stat().st_mtime_ns
+  assert native.build() == path and path.stat().st_mtime_ns == mtime   # cached, not rebuilt
+  assert [p.name for p in path.parent.iterdir()] == [path.name]        # no temp files left
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'other'))
+  with pytest.raises(native.NativeUnavailable, match='no-such-compiler'):
+    native.build()
+  monkeypatch.delenv('CXX')
+  bad = tmp_path / 'bad.cc'
+  bad.write_text('this is not C++;\n')
+  monkeypatch.setattr(native, 'SOURCE', bad)
+  with pytest.raises(native.NativeUnavailable, match='bad.cc failed'):
+    native.build()
+  assert not any((tmp_path / 'other').iterdir())                      # nothing half-written
