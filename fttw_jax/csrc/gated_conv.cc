@@ -61,10 +61,14 @@ struct Geometry {
   int cin, h, w, cout, k, stride, pad, ho, wo;
   int hp, wq, plane;  // padded rows, padded phase-row width, floats per channel
   int vec_per_row, vecs;
+  int tap_off[64];   // offset of tap (ky, kx) in a packed channel (phase plane, row, col)
+  // Per vector of output pixels: offset in a packed input channel, offset in an output
+  // channel, valid lanes (outputs narrower than 8 fill a vector partly).
+  std::vector<int> vec_in, vec_out, vec_lanes;
 };
 
 Geometry MakeGeometry(int cin, int h, int w, int cout, int k, int stride, int pad) {
-  Geometry g{cin, h, w, cout, k, stride, pad, 0, 0, 0, 0, 0, 0, 0};
+  Geometry g{cin, h, w, cout, k, stride, pad, 0, 0, 0, 0, 0, 0, 0, {}, {}, {}, {}};
   g.ho = (h + 2 * pad - k) / stride + 1;
   g.wo = (w + 2 * pad - k) / stride + 1;
   g.vec_per_row = (g.wo + kLanes - 1) / kLanes;
@@ -72,6 +76,15 @@ Geometry MakeGeometry(int cin, int h, int w, int cout, int k, int stride, int pa
   g.hp = (g.ho - 1) * stride + k;
   g.wq = g.vec_per_row * kLanes + (k - 1) / stride + 1;
   g.plane = stride * g.hp * g.wq;
+  for (int ky = 0; ky < k; ++ky)
+    for (int kx = 0; kx < k; ++kx)
+      g.tap_off[ky * k + kx] = ((kx % stride) * g.hp + ky) * g.wq + kx / stride;
+  for (int v = 0; v < g.vecs; ++v) {
+    int y = v / g.vec_per_row, x0 = v % g.vec_per_row * kLanes;
+    g.vec_in.push_back(y * stride * g.wq + x0);
+    g.vec_out.push_back(y * g.wo + x0);
+    g.vec_lanes.push_back(std::min(kLanes, g.wo - x0));
+  }
   return g;
 }
 
@@ -107,15 +120,8 @@ void Tile(const Geometry& g, const float* xp, const float* w, const int* in_idx,
           const int* outs, int n_outs, int v0, vf out[kOB][T]) {
   const int kk = K > 0 ? K * K : g.k * g.k;
   int base[T];
-  for (int t = 0; t < T; ++t) {
-    int v = std::min(v0 + t, g.vecs - 1);
-    int y = v / g.vec_per_row, xv = v % g.vec_per_row;
-    base[t] = y * g.stride * g.wq + xv * kLanes;
-  }
-  int tap_off[64];
-  for (int ky = 0; ky < g.k; ++ky)
-    for (int kx = 0; kx < g.k; ++kx)
-      tap_off[ky * g.k + kx] = ((kx % g.stride) * g.hp + ky) * g.wq + kx / g.stride;
+  for (int t = 0; t < T; ++t) base[t] = g.vec_in[std::min(v0 + t, g.vecs - 1)];
+  const int* tap_off = g.tap_off;
   vf acc[kOB][T];  // local, so that it lives in registers (``out`` may alias the inputs)
   for (int j = 0; j < kOB; ++j)
     for (int t = 0; t < T; ++t) acc[j][t] = splat(0.0f);
@@ -139,7 +145,7 @@ void Tile(const Geometry& g, const float* xp, const float* w, const int* in_idx,
 }
 
 struct Layer {
-  Geometry g;
+  const Geometry* geometry;
   const float* xp;
   const float* w;
   const float* b;
@@ -167,7 +173,7 @@ inline vf Finish(const Layer& L, int o, size_t pix, vf z) {
 
 template <int T, int K>
 void RunBlock(const Layer& L, int ob, int v_begin, int v_end) {
-  const Geometry& g = L.g;
+  const Geometry& g = *L.geometry;
   const int* outs = L.outs + ob * kOB;
   int n = std::min(kOB, L.n_outs - ob * kOB);
   vf acc[kOB][T];
@@ -179,9 +185,8 @@ void RunBlock(const Layer& L, int ob, int v_begin, int v_end) {
       vf bias = splat(L.b[o]);
       for (int t = 0; t < T && v0 + t < v_end; ++t) {
         int v = v0 + t;
-        int yrow = v / g.vec_per_row, x0 = (v % g.vec_per_row) * kLanes;
-        int nx = std::min(kLanes, g.wo - x0);
-        size_t off = (static_cast<size_t>(o) * g.ho + yrow) * g.wo + x0;
+        int nx = g.vec_lanes[v];
+        size_t off = static_cast<size_t>(o) * g.ho * g.wo + g.vec_out[v];
         if (nx == kLanes) {
           vf z = Finish(L, o, off, acc[j][t] + bias);
           std::memcpy(L.y + off, &z, sizeof(z));
@@ -205,12 +210,12 @@ void RunBlock(const Layer& L, int ob, int v_begin, int v_end) {
 // Work item ``item`` of ``chunks`` per output block: one block, a range of pixel vectors.
 void RunItem(const Layer& L, int item, int chunks) {
   int ob = item / chunks, c = item % chunks;
-  int per = (L.g.vecs + chunks - 1) / chunks;
+  int per = (L.geometry->vecs + chunks - 1) / chunks;
   per = (per + kT - 1) / kT * kT;
-  int v_begin = c * per, v_end = std::min(L.g.vecs, v_begin + per);
+  int v_begin = c * per, v_end = std::min(L.geometry->vecs, v_begin + per);
   if (v_begin >= v_end) return;
-  if (L.g.k == 3) RunBlock<kT, 3>(L, ob, v_begin, v_end);
-  else if (L.g.k == 1) RunBlock<kT, 1>(L, ob, v_begin, v_end);
+  if (L.geometry->k == 3) RunBlock<kT, 3>(L, ob, v_begin, v_end);
+  else if (L.geometry->k == 1) RunBlock<kT, 1>(L, ob, v_begin, v_end);
   else RunBlock<kT, 0>(L, ob, v_begin, v_end);
 }
 
@@ -232,10 +237,10 @@ struct Work {
 
 void RunParallel(const Layer& L, ffi::ThreadPool pool) {
   int blocks = (L.n_outs + kOB - 1) / kOB;
-  int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * L.g.k * L.g.k * L.g.ho * L.g.wo;
+  int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * L.geometry->k * L.geometry->k * L.geometry->ho * L.geometry->wo;
   int helpers = macs < (1 << 21) ? 0 : static_cast<int>(pool.num_threads());  // else not worth a hand-off
   // About 4 items per thread, so that a late helper does not leave the caller waiting long.
-  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (L.g.vecs + kT - 1) / kT);
+  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (L.geometry->vecs + kT - 1) / kT);
   if (helpers == 0) chunks = 1;
   int items = blocks * chunks;
   helpers = std::min(helpers, items - 1);
@@ -362,7 +367,7 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   static thread_local std::vector<float> xp;
   xp.resize(std::max<size_t>(1, in_idx.size() * static_cast<size_t>(g.plane)));
   PackInput(g, xs, in_idx.data(), static_cast<int>(in_idx.size()), xp.data());
-  Layer L{g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask.data() : nullptr,
+  Layer L{&g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask.data() : nullptr,
           in_idx.data(), static_cast<int>(in_idx.size()), outs.data(),
           static_cast<int>(outs.size()), relu, post_relu, after_block, ys};
   RunParallel(L, pool);
