@@ -16,8 +16,8 @@ drift on a shared machine hits each alike:
 * ``sparse``: ``fttw_jax.sparse.SparseModel.predict`` (narrow convs on active
   channels, in XLA);
 * ``native_dense``, ``native_masked``, ``native_sparse``: the same three with one
-  C++ custom call per conv (``fttw_jax.sparse_native``; ResNets and VGG, where a
-  C++ compiler is at hand; ``native`` in the JSON says why when they are absent).
+  C++ custom call per conv (``fttw_jax.sparse_native``; on CPU where a C++
+  compiler is at hand; ``native`` in the JSON says why when they are absent).
 
 ``sparse_speedup`` (XLA) and ``native_sparse_speedup`` = the fastest median of
 all the dense columns (``dense_flax``, ``dense``, ``masked``, ``native_dense``,
@@ -207,11 +207,12 @@ def stats(times_s):
 DENSE_COLUMNS = ('dense_flax', 'dense', 'masked', 'native_dense', 'native_masked')
 
 
-def native_unavailable(model):
+def native_unavailable():
   """Why the native columns cannot run here, or None when they can."""
-  from fttw_jax import native, sparse_native
-  if type(model) not in sparse_native.ARCHS:
-    return f'unsupported architecture {type(model).__name__}'
+  import jax
+  from fttw_jax import native
+  if jax.default_backend() != 'cpu':
+    return f'CPU only (default backend: {jax.default_backend()})'
   try:
     native.ensure()
   except native.NativeUnavailable as e:
@@ -267,7 +268,7 @@ def main(argv=None):
       'sparse': sm.predict,
   }
   skip = set(filter(None, args.skip.split(',')))
-  native_status = 'skipped' if 'native_sparse' in skip else native_unavailable(model)
+  native_status = 'skipped' if 'native_sparse' in skip else native_unavailable()
   nm = None
   if native_status is None:
     native_status = 'ok'

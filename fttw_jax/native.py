@@ -108,13 +108,15 @@ _EMPTY = np.zeros((0,), np.float32)
 
 def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool = True,
                post_relu: bool = True, after_block: bool = False, pool: str = 'avg',
-               softmax: bool = True, sparse: bool = True):
-  """One layer at batch 1, CHW: ``(y (Cout, Ho, Wo), head logits (Cout,))``.
+               softmax: bool = True, sparse: bool = True, depthwise: bool = False):
+  """One layer at batch 1, CHW: ``(y (Cout, Ho, Wo), head logits (Cout,), mask (Cout,))``.
 
-  ``w`` is OIHW with BN folded in, ``b`` its bias; ``head`` = (head_w (Cin, Cout),
-  head_b (Cout,)) or None (a plain conv: logits are zeros); ``residual`` (Cout, Ho,
-  Wo) or None. ``sparse=False`` computes every channel and then masks. Batches:
-  ``jax.vmap`` (runs sample by sample).
+  ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
+  ``head`` = (head_w (Cin, Cout), head_b (Cout,)) or None (a plain conv: logits
+  zeros, mask ones); ``residual`` (Cout, Ho, Wo) or None. The mask is the one
+  applied (depthwise: also off where the input channel is all zero, SPEC 2.2).
+  ``sparse=False`` computes every channel and then masks. Batches: ``jax.vmap``
+  (runs sample by sample).
   """
   ensure()
   cout, _, k, _ = w.shape
@@ -124,9 +126,10 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   head_w, head_b = head if head is not None else (_EMPTY, _EMPTY)
   call = jax.ffi.ffi_call(
       TARGET, (jax.ShapeDtypeStruct((cout, ho, wo), jnp.float32),
+               jax.ShapeDtypeStruct((cout,), jnp.float32),
                jax.ShapeDtypeStruct((cout,), jnp.float32)),
       vmap_method='sequential')
   return call(x, w, b, head_w, head_b, _EMPTY if residual is None else residual,
               stride=stride, pad=pad, relu=relu, post_relu=post_relu,
               after_block=after_block, pool_max=pool == 'max', softmax=softmax,
-              sparse=sparse)
+              sparse=sparse, depthwise=depthwise)

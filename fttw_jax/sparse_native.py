@@ -1,8 +1,8 @@
 """Batch-1 sparse inference with one C++ custom call per gated conv (``fttw_jax.native``).
 
-The same contract as ``fttw_jax.sparse.SparseModel`` (equal to ``model.apply`` in
-eval mode; ``__call__`` sparse, ``masked_dense`` and ``dense`` the fair baselines
-with the same kernel), for the ResNets and VGG16-BN. Activations stay full width
+The same contract and architectures as ``fttw_jax.sparse.SparseModel`` (equal to
+``model.apply`` in eval mode; ``__call__`` sparse, ``masked_dense`` and ``dense``
+the fair baselines with the same kernel). Activations stay full width
 in CHW order between layers: a switched-off channel is a zero plane the next
 layer skips (it skips every input channel that is identically zero), so no
 index bookkeeping crosses layers and the jitted graph is one call per conv plus
@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fttw_jax import native, sparse
+from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, MobileNetV1,
+                                       MobileNetV2)
 from fttw_jax.models.resnet import ResNet
 from fttw_jax.models.vgg import VGG
 
@@ -37,15 +39,16 @@ class _Runner:
     self.aux = {}
 
   def conv(self, name, x, stride=1, relu=True, residual=None, post_relu=True,
-           after_block=False):
+           after_block=False, depthwise=False):
     p = self.params[name]
     gated = self.mode != 'dense' and 'head_w' in p
-    y, logits = native.gated_conv(
+    y, logits, mask = native.gated_conv(
         x, p['w'], p['b'], (p['head_w'], p['head_b']) if gated else None, residual,
         stride=stride, relu=relu, post_relu=post_relu, after_block=after_block,
-        pool=self.gate.pool, softmax=self.gate.softmax, sparse=self.mode == 'sparse')
+        pool=self.gate.pool, softmax=self.gate.softmax, sparse=self.mode == 'sparse',
+        depthwise=depthwise)
     if gated:
-      self.aux[name] = {'logits': logits, 'mask': (logits > 0).astype(jnp.float32)}
+      self.aux[name] = {'logits': logits, 'mask': mask}
     return y
 
 
@@ -54,11 +57,18 @@ def _max_pool(x, window, stride, pad=0):
                            ((0, 0), (pad, pad), (pad, pad)))
 
 
+def _avg_pool(x, window):
+  """CHW average pool; ``window=0``: global."""
+  if window == 0:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  return lax.reduce_window(x, 0.0, lax.add, (1, window, window), (1, window, window),
+                           'VALID') / (window * window)
+
+
 def _pad_shortcut(x, features, stride):
   """CHW version of ``models.resnet.pad_shortcut``."""
   if stride != 1:
-    x = lax.reduce_window(x, 0.0, lax.add, (1, stride, stride), (1, stride, stride),
-                          'VALID') / (stride * stride)
+    x = _avg_pool(x, stride)
   extra = features - x.shape[0]
   return jnp.pad(x, ((extra // 2, extra - extra // 2), (0, 0), (0, 0)))
 
@@ -87,7 +97,7 @@ def _resnet(run: _Runner, model: ResNet, x):
       y = run.conv(f'{name}/conv1', x, stride)
       x = run.conv(f'{name}/conv2', y, relu=False, residual=residual,
                    after_block=after_block)
-  return _classify(run, jnp.mean(x, axis=(1, 2), keepdims=True))
+  return _classify(run, _avg_pool(x, 0))
 
 
 def _vgg(run: _Runner, model: VGG, x):
@@ -101,18 +111,40 @@ def _vgg(run: _Runner, model: VGG, x):
   return _classify(run, x)
 
 
-ARCHS = {ResNet: _resnet, VGG: _vgg}
+def _mobilenet_v1(run: _Runner, model: MobileNetV1, x):
+  x = run.conv('stem', x, stride=2 if model.imagenet else 1)
+  for i, (_, s) in enumerate(MOBILENET_V1_CFG):
+    x = run.conv(f'block{i}_dw', x, s, depthwise=True)
+    x = run.conv(f'block{i}_pw', x)
+  return _classify(run, _avg_pool(x, 0 if model.imagenet else 2))
+
+
+def _mobilenet_v2(run: _Runner, model: MobileNetV2, x):
+  x, index = run.conv('stem', x), 0
+  for _, _, n, s in MOBILENET_V2_CFG:
+    for b in range(n):
+      name, stride = f'block{index}', (s if b == 0 else 1)
+      y = run.conv(f'{name}/expand', x)
+      y = run.conv(f'{name}/dw', y, stride, depthwise=True)
+      shortcut = None
+      if stride == 1:
+        shortcut = x
+        if f'{name}/shortcut' in run.params:
+          shortcut = run.conv(f'{name}/shortcut', x, relu=False)
+      x = run.conv(f'{name}/project', y, relu=False, residual=shortcut, post_relu=False)
+      index += 1
+  x = run.conv('final_conv', x)
+  return _classify(run, _avg_pool(x, 4))
+
+
+ARCHS = {ResNet: _resnet, VGG: _vgg, MobileNetV1: _mobilenet_v1, MobileNetV2: _mobilenet_v2}
 
 
 def check_supported(model):
-  """The walker for ``model``, or a ValueError naming what is supported."""
+  """The walker for ``model``, or a ValueError naming what is supported (the same
+  architectures as ``fttw_jax.sparse``)."""
   sparse.check_supported(model)
-  walker = ARCHS.get(type(model))
-  if walker is None:
-    raise ValueError(
-        f'native sparse execution does not support {type(model).__name__} (depthwise '
-        f'convs); supported: {[t.__name__ for t in ARCHS]}; use fttw_jax.sparse.SparseModel')
-  return walker
+  return ARCHS[type(model)]
 
 
 class NativeSparseModel(sparse.Executor):

@@ -46,7 +46,8 @@ def reference(x, w, b, head, residual, stride, relu, post_relu, after_block, poo
 
 SHAPES = [  # (Cin, H, Cout, k, stride)
     (16, 32, 16, 3, 1), (16, 32, 32, 3, 2), (64, 8, 64, 3, 1), (5, 7, 9, 3, 2),
-    (3, 12, 16, 3, 1), (32, 2, 24, 3, 1), (8, 9, 12, 1, 2), (4, 15, 8, 7, 2)]
+    (3, 12, 16, 3, 1), (32, 2, 24, 3, 1), (8, 9, 12, 1, 2), (4, 15, 8, 7, 2),
+    (32, 4, 64, 3, 1), (16, 3, 32, 1, 2), (24, 1, 16, 1, 1), (8, 5, 40, 3, 2)]
 OPTIONS = [  # (relu, post_relu, after_block, pool, softmax)
     (True, True, False, 'avg', True), (False, True, False, 'max', False),
     (False, False, False, 'avg', True), (False, True, True, 'avg', True)]
@@ -69,15 +70,41 @@ def test_layer_matches_reference(cin, h, cout, k, stride):
                                 pool, softmax)
     assert 0 < float(jnp.mean(ref_logits > 0)) < 1
     for sparse in (True, False):
-      y, logits = native.gated_conv(x, w, b, head, res, stride=stride, relu=relu,
-                                    post_relu=post_relu, after_block=after_block, pool=pool,
-                                    softmax=softmax, sparse=sparse)
+      y, logits, mask = native.gated_conv(
+          x, w, b, head, res, stride=stride, relu=relu, post_relu=post_relu,
+          after_block=after_block, pool=pool, softmax=softmax, sparse=sparse)
       np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4, err_msg=f'{i} {sparse}')
       np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-  y, logits = native.gated_conv(x, w, b, None, None, stride=stride, relu=False)  # plain conv
+      np.testing.assert_array_equal(mask, np.asarray(ref_logits) > 0)
+  y, logits, mask = native.gated_conv(x, w, b, None, None, stride=stride, relu=False)  # plain
   np.testing.assert_allclose(y, reference(x, w, b, None, None, stride, False, 0, 0, 0, 0)[0],
                              atol=2e-4, rtol=1e-4)
-  assert not np.any(logits)
+  assert not np.any(logits) and np.all(mask == 1)
+
+
+@pytest.mark.parametrize('c,h,stride', [(16, 8, 1), (12, 7, 2), (24, 32, 1)])
+def test_depthwise_layer(c, h, stride):
+  """Depthwise: mask = head mask * (input channel not all zero), SPEC 2.2."""
+  rng = np.random.default_rng(c + h)
+  x = np.abs(rng.standard_normal((c, h, h))).astype(np.float32)
+  zero = rng.random(c) < 0.4
+  x[zero] = 0
+  w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+  b = rng.standard_normal(c).astype(np.float32)
+  head = (rng.standard_normal((c, c)).astype(np.float32),
+          (0.3 * rng.standard_normal(c)).astype(np.float32))
+  z = lax.conv_general_dilated(x[None], w, (stride, stride), [(1, 1)] * 2,
+                               dimension_numbers=('NCHW', 'OIHW', 'NCHW'),
+                               feature_group_count=c)[0] + b[:, None, None]
+  logits = jax.nn.softmax(x.mean(axis=(1, 2))) @ head[0] + head[1]
+  keep = (np.asarray(logits) > 0) & ~zero
+  assert 0 < keep.sum() < (~zero).sum()          # the head switches off live channels too
+  for sparse in (True, False):
+    y, out_logits, mask = native.gated_conv(x, w, b, head, stride=stride, depthwise=True,
+                                            sparse=sparse)
+    np.testing.assert_array_equal(mask, keep.astype(np.float32))
+    np.testing.assert_allclose(out_logits, logits, atol=1e-5)
+    np.testing.assert_allclose(y, jax.nn.relu(z) * keep[:, None, None], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('bias', [-1.0, 1.0])
@@ -88,7 +115,7 @@ def test_layer_all_off_and_all_on(bias):
   b = rng.standard_normal(16).astype(np.float32)
   head = (np.zeros((8, 16), np.float32), np.full(16, bias, np.float32))
   residual = rng.standard_normal((16, 16, 16)).astype(np.float32)
-  y, _ = native.gated_conv(x, w, b, head, residual, relu=False)
+  y, _, _ = native.gated_conv(x, w, b, head, residual, relu=False)
   ref, _ = reference(x, w, b, head, residual, 1, False, True, False, 'avg', True)
   np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4)
   if bias < 0:    # every output switched off: the block passes relu(residual) through
@@ -111,15 +138,17 @@ def check_equal(model, variables, x):
 
 
 @pytest.mark.parametrize('name,width', [
-    ('resnet20', 0.5), ('vgg16_bn', 0.25), ('resnet18', 0.25),
+    ('resnet20', 0.5), ('vgg16_bn', 0.25), ('resnet18', 0.25), ('mobilenet_v1', 0.25),
+    pytest.param('mobilenet_v2', 0.25, marks=pytest.mark.slow),
+    pytest.param('mobilenet_v1_imagenet', 0.25, marks=pytest.mark.slow),
     pytest.param('resnet56', 0.5, marks=pytest.mark.slow)])
 def test_native_equals_masked_dense(name, width):
   model, variables, x = init_gated(name, batch=1, width=width)
   variables, off, on = set_heads(variables, seed=1)
   gates, nm = check_equal(model, variables, x)
   kept = {k: float(np.mean(g['mask'])) for k, g in gates.items()}
-  assert kept[off] == 0.0 and kept[on] == 1.0
-  assert 0.0 < np.mean(list(kept.values())) < 1.0
+  assert kept[off] == 0.0 and 0.0 < np.mean(list(kept.values())) < 1.0
+  assert kept[on] == 1.0 or on.endswith('dw')  # a depthwise mask also needs its input
   base = models.create_model(name, num_classes=10, width=width)
   base_vars = {'params': strip_heads(variables['params']),
                'batch_stats': variables['batch_stats']}
@@ -142,9 +171,9 @@ def test_batches_run_sample_by_sample():
 
 
 def test_errors():
-  model, variables, _ = init_gated('mobilenet_v1', batch=1, width=0.25)
-  with pytest.raises(ValueError, match=r'does not support MobileNetV1.*SparseModel'):
-    sparse_native.NativeSparseModel.from_variables(model, variables)
+  x, b = np.ones((4, 2, 2), np.float32), np.zeros(12, np.float32)
+  with pytest.raises(Exception, match=r'w \(Cout,Cin,k,k\)'):    # checked by the kernel
+    native.gated_conv(x, np.ones((12, 5, 3, 3), np.float32), b)
   resnet, variables, _ = init_gated('resnet20', batch=1, width=0.5)
   with pytest.raises(ValueError, match='gated model'):
     sparse_native.NativeSparseModel.from_variables(resnet.clone(gate=None), variables)

@@ -8,13 +8,15 @@
 // activation and the residual. Switched-off channels cost nothing but a fill.
 //
 // Layout: activations CHW (one sample), kernels OIHW with BN folded in. Inputs:
-// x (Cin,H,W), w (Cout,Cin,k,k), b (Cout), head_w (Cin,Cout), head_b (Cout),
-// residual (Cout,Ho,Wo); an empty (size 0) head_w means "no head" and an empty
-// residual "no residual". Outputs: y (Cout,Ho,Wo), logits (Cout) (zeros without a
-// head). Attributes: stride, pad, relu (activation after BN), post_relu (after the
-// residual add), after_block (y = mask * relu(conv + residual)), pool_max, softmax,
-// sparse (skip switched-off channels; false computes every channel, then masks:
-// the masked dense forward with the same kernel).
+// x (Cin,H,W), w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), b (Cout), head_w (Cin,Cout),
+// head_b (Cout), residual (Cout,Ho,Wo); an empty (size 0) head_w means "no head" and
+// an empty residual "no residual". Outputs: y (Cout,Ho,Wo), logits (Cout) (zeros
+// without a head), mask (Cout) as applied (ones without a head; depthwise: also 0
+// where the input channel is all zero, SPEC 2.2). Attributes: stride, pad, relu
+// (activation after BN), post_relu (after the residual add), after_block (y = mask *
+// relu(conv + residual)), pool_max, softmax, sparse (skip switched-off channels;
+// false computes every channel, then masks: the masked dense forward with the same
+// kernel), depthwise.
 //
 // The conv kernel: the active input channels are copied once into a zero-padded,
 // column-phase-split buffer (stride s: s planes of every s-th column), so every
@@ -185,38 +187,57 @@ inline vf Finish(const Layer& L, int o, size_t pix, vf z) {
   return (L.relu ? Relu(z) : z) * m;
 }
 
+// Finish and store output vector v of channel o (z = conv + bias); outputs narrower
+// than 8 store their valid lanes only (the residual is staged for the partial load).
+inline void Store(const Layer& L, int o, int v, vf z) {
+  const Geometry& g = *L.geometry;
+  int nx = g.vec_lanes[v];
+  size_t off = static_cast<size_t>(o) * g.ho * g.wo + g.vec_out[v];
+  if (nx == kLanes) {
+    z = Finish(L, o, off, z);
+    std::memcpy(L.y + off, &z, sizeof(z));
+    return;
+  }
+  float tmp[kLanes] = {};
+  Layer part = L;
+  if (L.residual) {
+    std::memcpy(tmp, L.residual + off, nx * sizeof(float));
+    part.residual = tmp;
+  }
+  z = Finish(part, o, 0, z);
+  std::memcpy(L.y + off, &z, nx * sizeof(float));
+}
+
 template <int T, int K>
 void RunBlock(const Layer& L, int ob, int v_begin, int v_end) {
   const Geometry& g = *L.geometry;
   const int* outs = L.outs + ob * kOB;
   int n = std::min(kOB, L.n_outs - ob * kOB);
   vf acc[kOB][T];
-  float tmp[kLanes];
   for (int v0 = v_begin; v0 < v_end; v0 += T) {
     Tile<T, K>(g, L.xp, L.w, L.in_idx, L.n_in, outs, n, v0, acc);
     for (int j = 0; j < n; ++j) {
-      int o = outs[j];
-      vf bias = splat(L.b[o]);
-      for (int t = 0; t < T && v0 + t < v_end; ++t) {
-        int v = v0 + t;
-        int nx = g.vec_lanes[v];
-        size_t off = static_cast<size_t>(o) * g.ho * g.wo + g.vec_out[v];
-        if (nx == kLanes) {
-          vf z = Finish(L, o, off, acc[j][t] + bias);
-          std::memcpy(L.y + off, &z, sizeof(z));
-          continue;
-        }
-        // Partial vector (outputs narrower than 8): stage the residual, store nx lanes.
-        vf z = acc[j][t] + bias;
-        Layer part = L;
-        if (L.residual) {
-          std::memset(tmp, 0, sizeof(tmp));
-          std::memcpy(tmp, L.residual + off, nx * sizeof(float));
-          part.residual = tmp;
-        }
-        z = Finish(part, o, 0, z);
-        std::memcpy(L.y + off, &z, nx * sizeof(float));
-      }
+      vf bias = splat(L.b[outs[j]]);
+      for (int t = 0; t < T && v0 + t < v_end; ++t) Store(L, outs[j], v0 + t, acc[j][t] + bias);
+    }
+  }
+}
+
+// Depthwise conv: packed channel j is input channel outs[j], the only one output
+// channel outs[j] reads; w is (C, 1, k, k).
+void RunDepthwise(const Layer& L) {
+  const Geometry& g = *L.geometry;
+  const int kk = g.k * g.k;
+  for (int j = 0; j < L.n_outs; ++j) {
+    const int o = L.outs[j];
+    const float* xj = L.xp + static_cast<size_t>(j) * g.plane;
+    const float* wo = L.w + static_cast<size_t>(o) * kk;
+    const vf bias = splat(L.b[o]);
+    for (int v = 0; v < g.vecs; ++v) {
+      vf acc = bias;
+      for (int tap = 0; tap < kk; ++tap)
+        acc += splat(wo[tap]) * load(xj + g.vec_in[v] + g.tap_off[tap]);
+      Store(L, o, v, acc);
     }
   }
 }
@@ -306,12 +327,15 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                          ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
                          ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                         ffi::ResultBuffer<ffi::F32> logits, int64_t stride, int64_t pad,
-                         bool relu, bool post_relu, bool after_block, bool pool_max,
-                         bool softmax, bool sparse) {
+                         ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> mask_out,
+                         int64_t stride, int64_t pad, bool relu, bool post_relu,
+                         bool after_block, bool pool_max, bool softmax, bool sparse,
+                         bool depthwise) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 4 || wd[1] != xd[0] || wd[2] != wd[3] || wd[2] > 8)
-    return ffi::Error::InvalidArgument("gated_conv: expected x (Cin,H,W), w (Cout,Cin,k,k), k<=8");
+  if (xd.size() != 3 || wd.size() != 4 || wd[1] != (depthwise ? 1 : xd[0]) ||
+      (depthwise && wd[0] != xd[0]) || wd[2] != wd[3] || wd[2] > 8)
+    return ffi::Error::InvalidArgument(
+        "gated_conv: expected x (Cin,H,W) and w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), k<=8");
   Geometry g = MakeGeometry(xd[0], xd[1], xd[2], wd[0], wd[2], stride, pad);
   const bool gated = head_w.element_count() > 0;
   const bool has_res = residual.element_count() > 0;
@@ -323,20 +347,24 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xs = x.typed_data();
   const int hw = g.h * g.w;
 
-  // Input channel scan: pooled value (head) and "not identically zero" (sparse).
+  // Input channel scan: pooled value (head) and "not identically zero" (sparse; and
+  // SPEC 2.2's depthwise rule: a channel switched off upstream stays off).
   std::vector<float> pooled(g.cin);
+  std::vector<char> nonzero(g.cin);
   std::vector<int> in_idx;
   in_idx.reserve(g.cin);
   for (int c = 0; c < g.cin; ++c) {
     ChannelStats st = Scan(xs + static_cast<size_t>(c) * hw, hw);
     pooled[c] = pool_max ? st.max : st.sum / hw;
+    nonzero[c] = st.nonzero;
     if (st.nonzero || !sparse) in_idx.push_back(c);
   }
 
+  // Head: logits and the applied mask (all ones without a head).
   float* out_logits = logits->typed_data();
-  std::vector<float> mask;
-  std::vector<int> outs;
-  outs.reserve(g.cout);
+  float* mask = mask_out->typed_data();
+  std::fill(out_logits, out_logits + g.cout, 0.0f);
+  std::fill(mask, mask + g.cout, 1.0f);
   if (gated) {
     if (softmax) {
       float mx = *std::max_element(pooled.begin(), pooled.end()), sum = 0.0f;
@@ -350,15 +378,13 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const float* row = hw_ + static_cast<size_t>(c) * g.cout;
       for (int o = 0; o < g.cout; ++o) out_logits[o] += pc * row[o];
     }
-    mask.resize(g.cout);
-    for (int o = 0; o < g.cout; ++o) {
-      mask[o] = out_logits[o] > 0.0f ? 1.0f : 0.0f;
-      if (mask[o] > 0.0f || !sparse) outs.push_back(o);
-    }
-  } else {
-    std::fill(out_logits, out_logits + g.cout, 0.0f);
-    for (int o = 0; o < g.cout; ++o) outs.push_back(o);
+    for (int o = 0; o < g.cout; ++o)
+      mask[o] = out_logits[o] > 0.0f && (!depthwise || nonzero[o]) ? 1.0f : 0.0f;
   }
+  std::vector<int> outs;
+  outs.reserve(g.cout);
+  for (int o = 0; o < g.cout; ++o)
+    if (mask[o] > 0.0f || !sparse) outs.push_back(o);
 
   // Channels not computed: mask 0, so the output is post(residual) (0 after_block).
   float* ys = y->typed_data();
@@ -378,13 +404,18 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   if (outs.empty()) return ffi::Error::Success();
 
+  // A depthwise conv reads exactly the channels it computes.
+  const std::vector<int>& packed = depthwise ? outs : in_idx;
   static thread_local std::vector<float> xp;
-  xp.resize(std::max<size_t>(1, in_idx.size() * static_cast<size_t>(g.plane)));
-  PackInput(g, xs, in_idx.data(), static_cast<int>(in_idx.size()), xp.data());
-  Layer L{&g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask.data() : nullptr,
-          in_idx.data(), static_cast<int>(in_idx.size()), outs.data(),
+  xp.resize(std::max<size_t>(1, packed.size() * static_cast<size_t>(g.plane)));
+  PackInput(g, xs, packed.data(), static_cast<int>(packed.size()), xp.data());
+  Layer L{&g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask : nullptr,
+          packed.data(), static_cast<int>(packed.size()), outs.data(),
           static_cast<int>(outs.size()), relu, post_relu, after_block, ys};
-  RunParallel(L, pool);
+  if (depthwise)
+    RunDepthwise(L);
+  else
+    RunParallel(L, pool);
   return ffi::Error::Success();
 }
 
@@ -401,6 +432,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FttwGatedConv, GatedConvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad")
                                   .Attr<bool>("relu")
@@ -408,4 +440,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FttwGatedConv, GatedConvImpl,
                                   .Attr<bool>("after_block")
                                   .Attr<bool>("pool_max")
                                   .Attr<bool>("softmax")
-                                  .Attr<bool>("sparse"));
+                                  .Attr<bool>("sparse")
+                                  .Attr<bool>("depthwise"));
