@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from absl import logging
 
 SOURCE = Path(__file__).parent / 'csrc' / 'gated_conv.cc'
 TARGET = 'fttw_gated_conv'
@@ -65,10 +66,15 @@ def build() -> Path:
   cxx = os.environ.get('CXX', 'c++')
   if shutil.which(cxx) is None:
     raise NativeUnavailable(f'no C++ compiler {cxx!r} on PATH (set $CXX) to build {SOURCE.name}')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)     # atomic: rename when built
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)     # atomic: rename when built
+  except OSError as e:
+    raise NativeUnavailable(f'cannot write the build cache {out.parent} ({e}); '
+                            'set $FTTW_JAX_CACHE to a writable directory') from e
   os.close(fd)
   cmd = [cxx, *CXXFLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp]
+  logging.info('building %s into %s (once per machine and version)', SOURCE.name, out)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -82,17 +88,24 @@ def build() -> Path:
 
 
 @functools.cache
-def _register() -> None:
-  lib = ctypes.CDLL(str(build()))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FttwGatedConv), platform='cpu')
+def _register() -> str | None:
+  """Build, load and register once per process: None, or why it cannot be had (kept,
+  so that a failing build is not retried on every call)."""
+  try:
+    lib = ctypes.CDLL(str(build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FttwGatedConv), platform='cpu')
+  except NativeUnavailable as e:
+    return str(e)
+  except (OSError, AttributeError) as e:
+    return f'loading {library_path()} failed: {e}'
+  return None
 
 
 def ensure() -> None:
   """Build (if needed) and register the custom call; NativeUnavailable if it cannot be."""
-  try:
-    _register()
-  except (OSError, AttributeError) as e:
-    raise NativeUnavailable(f'loading {library_path()} failed: {e}') from e
+  error = _register()
+  if error is not None:
+    raise NativeUnavailable(error)
 
 
 def available() -> bool:

@@ -42,6 +42,11 @@ class _Runner:
            after_block=False, depthwise=False):
     p = self.params[name]
     gated = self.mode != 'dense' and 'head_w' in p
+    shape = x.shape
+    pointwise = p['w'].shape[-1] == 1 and stride == 1
+    if pointwise:    # pixels as one row: full 8-pixel vectors on 4x4 and 2x2 maps too
+      x = x.reshape(shape[0], 1, -1)
+      residual = None if residual is None else residual.reshape(residual.shape[0], 1, -1)
     y, logits, mask = native.gated_conv(
         x, p['w'], p['b'], (p['head_w'], p['head_b']) if gated else None, residual,
         stride=stride, relu=relu, post_relu=post_relu, after_block=after_block,
@@ -49,7 +54,7 @@ class _Runner:
         depthwise=depthwise)
     if gated:
       self.aux[name] = {'logits': logits, 'mask': mask}
-    return y
+    return y.reshape(y.shape[0], *shape[1:]) if pointwise else y
 
 
 def _max_pool(x, window, stride, pad=0):

@@ -192,6 +192,11 @@ def test_build_cache_and_errors(tmp_path, monkeypatch):
   with pytest.raises(native.NativeUnavailable, match='no-such-compiler'):
     native.build()
   monkeypatch.delenv('CXX')
+  (tmp_path / 'a_file').write_text('')
+  monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'a_file' / 'cache'))
+  with pytest.raises(native.NativeUnavailable, match='set .FTTW_JAX_CACHE'):
+    native.build()
+  monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'other'))
   bad = tmp_path / 'bad.cc'
   bad.write_text('this is not C++;\n')
   monkeypatch.setattr(native, 'SOURCE', bad)

@@ -242,6 +242,13 @@ void RunDepthwise(const Layer& L) {
   }
 }
 
+template <int T>
+void RunBlockK(const Layer& L, int ob, int v_begin, int v_end) {
+  if (L.geometry->k == 3) RunBlock<T, 3>(L, ob, v_begin, v_end);
+  else if (L.geometry->k == 1) RunBlock<T, 1>(L, ob, v_begin, v_end);
+  else RunBlock<T, 0>(L, ob, v_begin, v_end);
+}
+
 // Work item ``item`` of ``chunks`` per output block: one block, a range of pixel vectors.
 void RunItem(const Layer& L, int item, int chunks) {
   int ob = item / chunks, c = item % chunks;
@@ -249,9 +256,12 @@ void RunItem(const Layer& L, int item, int chunks) {
   per = (per + kT - 1) / kT * kT;
   int v_begin = c * per, v_end = std::min(L.geometry->vecs, v_begin + per);
   if (v_begin >= v_end) return;
-  if (L.geometry->k == 3) RunBlock<kT, 3>(L, ob, v_begin, v_end);
-  else if (L.geometry->k == 1) RunBlock<kT, 1>(L, ob, v_begin, v_end);
-  else RunBlock<kT, 0>(L, ob, v_begin, v_end);
+  // Fewer pixel vectors than a tile holds (outputs of a few pixels): narrower tiles,
+  // or the tile would compute the same vector several times.
+  const int vecs = L.geometry->vecs;
+  if (vecs >= kT) RunBlockK<kT>(L, ob, v_begin, v_end);
+  else if (vecs >= 2) RunBlockK<2>(L, ob, v_begin, v_end);
+  else RunBlockK<1>(L, ob, v_begin, v_end);
 }
 
 // Work items shared between the calling thread and XLA's intra-op pool. The
