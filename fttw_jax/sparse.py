@@ -1,9 +1,9 @@
 """Sparse batch-1 inference in XLA: compute only the channels a sample's masks keep.
 
 This is the portable path (any backend, every architecture). On CPU the C++
-custom call of ``fttw_jax.sparse_native`` runs the same contract 2x faster than
-dense where this one does not beat it (narrow CIFAR ResNets, MobileNets): XLA:CPU
-dispatches every op of a batch-1 forward separately (bench/RESULTS.md).
+custom call of ``fttw_jax.sparse_native`` runs the same contract faster (ResNet-56
+1.9x dense where this path is slower than dense: XLA:CPU dispatches every op of a
+batch-1 forward separately; bench/RESULTS.md).
 
 The masked dense forward (``model.apply``) computes every channel and then
 multiplies the switched-off ones by zero. Here each gated conv first runs its

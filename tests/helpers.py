@@ -88,3 +88,24 @@ def skip_without_compiler():
   cxx = os.environ.get('CXX', 'c++')
   if shutil.which(cxx) is None:
     pytest.skip(f'no C++ compiler {cxx!r}: fttw_jax.native cannot be built here')
+
+
+def assert_matches_apply(runner, model, variables, x):
+  """A sparse runner's logits, head logits and masks equal ``model.apply``'s (eval);
+  returns (apply's gates, apply's logits)."""
+  ref, aux = jax.jit(model.apply)(variables, x)
+  out, raux = runner(x)
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+  gates = aux['gates']
+  assert set(raux) == set(gates)
+  for name, g in gates.items():
+    np.testing.assert_array_equal(raux[name]['mask'], g['mask'], err_msg=name)
+    np.testing.assert_allclose(raux[name]['logits'], g['logits'], atol=1e-4, err_msg=name)
+  return gates, ref
+
+
+def assert_off_and_on(gates, off, on):
+  """``set_heads``' all-off layer is off, its all-on layer on, the rest in between."""
+  kept = {k: float(np.mean(g['mask'])) for k, g in gates.items()}
+  assert kept[off] == 0.0 and 0.0 < np.mean(list(kept.values())) < 1.0
+  assert kept[on] == 1.0 or on.endswith('dw')  # a depthwise mask also needs its input

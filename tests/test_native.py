@@ -14,7 +14,8 @@ import pytest
 from jax import lax
 
 from fttw_jax import models, native, sparse_native
-from helpers import init_gated, set_heads, skip_without_compiler, strip_heads, with_gate
+from helpers import (assert_matches_apply, assert_off_and_on, init_gated, set_heads,
+                     skip_without_compiler, strip_heads, with_gate)
 
 
 @pytest.fixture(autouse=True)
@@ -123,17 +124,10 @@ def test_layer_all_off_and_all_on(bias):
 
 
 def check_equal(model, variables, x):
-  ref, aux = jax.jit(model.apply)(variables, x)
   nm = sparse_native.NativeSparseModel.from_variables(model, variables)
-  out, naux = nm(x)
-  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+  gates, ref = assert_matches_apply(nm, model, variables, x)
   np.testing.assert_allclose(nm.predict(x), ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(nm.masked_dense(x)[0], ref, atol=1e-4, rtol=1e-4)
-  gates = aux['gates']
-  assert set(naux) == set(gates)
-  for name, g in gates.items():
-    np.testing.assert_array_equal(naux[name]['mask'], g['mask'], err_msg=name)
-    np.testing.assert_allclose(naux[name]['logits'], g['logits'], atol=1e-4, err_msg=name)
   return gates, nm
 
 
@@ -146,9 +140,7 @@ def test_native_equals_masked_dense(name, width):
   model, variables, x = init_gated(name, batch=1, width=width)
   variables, off, on = set_heads(variables, seed=1)
   gates, nm = check_equal(model, variables, x)
-  kept = {k: float(np.mean(g['mask'])) for k, g in gates.items()}
-  assert kept[off] == 0.0 and 0.0 < np.mean(list(kept.values())) < 1.0
-  assert kept[on] == 1.0 or on.endswith('dw')  # a depthwise mask also needs its input
+  assert_off_and_on(gates, off, on)
   base = models.create_model(name, num_classes=10, width=width)
   base_vars = {'params': strip_heads(variables['params']),
                'batch_stats': variables['batch_stats']}

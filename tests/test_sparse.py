@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from fttw_jax import models, sparse
-from helpers import init_gated, set_heads, strip_heads, with_gate
+from helpers import (assert_matches_apply, assert_off_and_on, init_gated, set_heads,
+                     strip_heads, with_gate)
 
 POLICY = dict(levels=2, min_channels=8, rows_max_pixels=64)  # few branches: fast compiles
 ARCHS = [  # (name, width)
@@ -29,26 +30,15 @@ ARCHS = [  # (name, width)
 
 
 def check_equal(model, variables, x, **policy):
-  ref, aux = jax.jit(model.apply)(variables, x)
   sm = sparse.SparseModel.from_variables(model, variables, **{**POLICY, **policy})
-  out, saux = sm(x)
-  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
-  gates = aux['gates']
-  assert set(saux) == set(gates)
-  for name, g in gates.items():
-    np.testing.assert_array_equal(saux[name]['mask'], g['mask'], err_msg=name)
-    np.testing.assert_allclose(saux[name]['logits'], g['logits'], atol=1e-4, err_msg=name)
-  return gates, sm
+  return assert_matches_apply(sm, model, variables, x)[0], sm
 
 
 @pytest.mark.parametrize('name,width', ARCHS)
 def test_sparse_equals_masked_dense(name, width):
   model, variables, x = init_gated(name, batch=1, width=width)
   variables, off, on = set_heads(variables, seed=1)
-  gates, sm = check_equal(model, variables, x)
-  kept = {k: float(np.mean(g['mask'])) for k, g in gates.items()}
-  assert kept[off] == 0.0 and 0.0 < np.mean(list(kept.values())) < 1.0
-  assert kept[on] == 1.0 or on.endswith('dw')  # a depthwise mask also needs its input
+  assert_off_and_on(check_equal(model, variables, x)[0], off, on)
 
 
 def test_input_dependent_heads_and_batches():
