@@ -73,7 +73,7 @@ class Model:
 
   def predict(self, images) -> jax.Array:
     """(N, classes) logits: the lean jitted forward for inference (no training
-    targets, no MACs); batches of one take the sparse kernels with ``sparse=True``."""
+    targets, no MACs); batches of one take the sparse kernels with ``sparse`` set."""
     if self._sparse is not None and jnp.shape(images)[0] == 1:
       return self._sparse.predict(data.normalize(images, self.config.dataset))
     return self._run(('logits',), images)[0]

@@ -125,8 +125,9 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   """One layer at batch 1, CHW: ``(y (Cout, Ho, Wo), head logits (Cout,), mask (Cout,))``.
 
   ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
-  ``head`` = (head_w (Cin, Cout), head_b (Cout,)) or None (a plain conv: logits
-  zeros, mask ones); ``residual`` (Cout, Ho, Wo) or None. The mask is the one
+  ``head`` = (head_w (Cin, Cout), head_b (Cout,)[, head_w.sum(0)]) or None (a plain
+  conv: logits zeros, mask ones); pass the column sums, computed once at load time,
+  or every call reads all of head_w for them; ``residual`` (Cout, Ho, Wo) or None. The mask is the one
   applied (depthwise: also off where the input channel is all zero, SPEC 2.2).
   ``sparse=False`` computes every channel and then masks. Batches: ``jax.vmap``
   (runs sample by sample).
@@ -136,13 +137,17 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   pad = k // 2
   ho = (x.shape[1] + 2 * pad - k) // stride + 1
   wo = (x.shape[2] + 2 * pad - k) // stride + 1
-  head_w, head_b = head if head is not None else (_EMPTY, _EMPTY)
+  if head is None:
+    head = (_EMPTY, _EMPTY, _EMPTY)
+  elif len(head) == 2:
+    head = (*head, jnp.sum(jnp.asarray(head[0]), axis=0))
+  head_w, head_b, head_colsum = head
   call = jax.ffi.ffi_call(
       TARGET, (jax.ShapeDtypeStruct((cout, ho, wo), jnp.float32),
                jax.ShapeDtypeStruct((cout,), jnp.float32),
                jax.ShapeDtypeStruct((cout,), jnp.float32)),
       vmap_method='sequential')
-  return call(x, w, b, head_w, head_b, _EMPTY if residual is None else residual,
+  return call(x, w, b, head_w, head_b, head_colsum, _EMPTY if residual is None else residual,
               stride=stride, pad=pad, relu=relu, post_relu=post_relu,
               after_block=after_block, pool_max=pool == 'max', softmax=softmax,
               sparse=sparse, depthwise=depthwise)

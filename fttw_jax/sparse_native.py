@@ -1,12 +1,12 @@
 """Batch-1 sparse inference with one C++ custom call per gated conv (``fttw_jax.native``).
 
 The same contract and architectures as ``fttw_jax.sparse.SparseModel`` (equal to
-``model.apply`` in eval mode; ``__call__`` sparse, ``masked_dense`` and ``dense``
-the fair baselines with the same kernel). Activations stay full width
-in CHW order between layers: a switched-off channel is a zero plane the next
-layer skips (it skips every input channel that is identically zero), so no
-index bookkeeping crosses layers and the jitted graph is one call per conv plus
-a handful of shortcut and pooling ops.
+``model.apply`` in eval mode; ``__call__`` sparse, ``predict`` its logits,
+``masked_dense`` and ``dense`` the fair baselines with the same kernel), CPU only.
+Activations stay full width in CHW order between layers: a switched-off channel is
+a zero plane the next layer skips (it skips every input channel that is
+identically zero), so no index bookkeeping crosses layers and the jitted graph is
+one call per conv plus a handful of shortcut and pooling ops.
 
 Usage::
 
@@ -28,9 +28,6 @@ from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, Mobil
 from fttw_jax.models.resnet import ResNet
 from fttw_jax.models.vgg import VGG
 
-MODES = ('sparse', 'masked', 'dense')
-
-
 class _Runner:
   """Runs one CHW sample; ``mode`` picks sparse / masked dense / plain dense."""
 
@@ -48,7 +45,8 @@ class _Runner:
       x = x.reshape(shape[0], 1, -1)
       residual = None if residual is None else residual.reshape(residual.shape[0], 1, -1)
     y, logits, mask = native.gated_conv(
-        x, p['w'], p['b'], (p['head_w'], p['head_b']) if gated else None, residual,
+        x, p['w'], p['b'], (p['head_w'], p['head_b'], p['head_colsum']) if gated else None,
+        residual,
         stride=stride, relu=relu, post_relu=post_relu, after_block=after_block,
         pool=self.gate.pool, softmax=self.gate.softmax, sparse=self.mode == 'sparse',
         depthwise=depthwise)
@@ -163,12 +161,14 @@ class NativeSparseModel(sparse.Executor):
 
   @classmethod
   def from_variables(cls, model, variables) -> 'NativeSparseModel':
-    """Fold BN into the convs once and lay the kernels out OIHW."""
+    """Fold BN into the convs once, lay the kernels out OIHW, sum the heads' columns."""
     check_supported(model)
     params = sparse.fold_variables(variables, input_major=False)
     for entry in params.values():
       if entry['w'].ndim == 4:
         entry['w'] = jnp.transpose(entry['w'], (3, 2, 0, 1))
+      if 'head_w' in entry:
+        entry['head_colsum'] = jnp.sum(entry['head_w'], axis=0)
     return cls(model, params)
 
   def _forward_fn(self, mode):

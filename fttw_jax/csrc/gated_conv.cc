@@ -9,7 +9,8 @@
 //
 // Layout: activations CHW (one sample), kernels OIHW with BN folded in. Inputs:
 // x (Cin,H,W), w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), b (Cout), head_w (Cin,Cout),
-// head_b (Cout), residual (Cout,Ho,Wo); an empty (size 0) head_w means "no head" and
+// head_b (Cout), head_colsum (Cout: head_w summed over Cin), residual (Cout,Ho,Wo);
+// an empty (size 0) head_w means "no head" and
 // an empty residual "no residual". Outputs: y (Cout,Ho,Wo), logits (Cout) (zeros
 // without a head), mask (Cout) as applied (ones without a head; depthwise: also 0
 // where the input channel is all zero, SPEC 2.2). Attributes: stride, pad, relu
@@ -57,6 +58,7 @@ inline vf load(const float* p) {
   return v;
 }
 
+static_assert(kLanes == 8, "splat spells out 8 lanes");
 inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }  // one vbroadcastss
 
 // Keep a loaded vector in a register: without this GCC re-reads it from memory as an
@@ -126,8 +128,8 @@ void PackInput(const Geometry& g, const float* x, const int* in_idx, int n_in, f
   }
 }
 
-// acc[j][t] = sum over active inputs and taps of w[out[j]][in] * x: T vector positions
-// (8 pixels each) starting at vector position v0, OB output channels.
+// out[j][t] = sum over active inputs and taps of w[outs[j]][in] * x: T vector positions
+// (8 pixels each) from vector position v0, kOB output channels.
 template <int T, int K>
 void Tile(const Geometry& g, const float* xp, const float* w, const int* in_idx, int n_in,
           const int* outs, int n_outs, int v0, vf out[kOB][T]) {
@@ -303,6 +305,17 @@ void RunParallel(const Layer& L, ffi::ThreadPool pool) {
   while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// y[0:n] += a * x[0:n]
+inline void Axpy(int n, float a, const float* x, float* y) {
+  const vf av = splat(a);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf r = load(y + i) + av * load(x + i);
+    std::memcpy(y + i, &r, sizeof(r));
+  }
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
 struct ChannelStats {
   float sum, max;
   bool nonzero;
@@ -336,7 +349,7 @@ ChannelStats Scan(const float* p, int n) {
 ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                          ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
-                         ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                         ffi::Buffer<ffi::F32> head_colsum, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
                          ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> mask_out,
                          int64_t stride, int64_t pad, bool relu, bool post_relu,
                          bool after_block, bool pool_max, bool softmax, bool sparse,
@@ -350,8 +363,10 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const bool gated = head_w.element_count() > 0;
   const bool has_res = residual.element_count() > 0;
   if (gated && (head_w.element_count() != static_cast<size_t>(g.cin) * g.cout ||
-                head_b.element_count() != static_cast<size_t>(g.cout)))
-    return ffi::Error::InvalidArgument("gated_conv: head must be (Cin,Cout) and (Cout,)");
+                head_b.element_count() != static_cast<size_t>(g.cout) ||
+                head_colsum.element_count() != static_cast<size_t>(g.cout)))
+    return ffi::Error::InvalidArgument(
+        "gated_conv: head must be (Cin,Cout), (Cout,) and its column sums (Cout,)");
   if (has_res && residual.element_count() != static_cast<size_t>(g.cout) * g.ho * g.wo)
     return ffi::Error::InvalidArgument("gated_conv: residual must be (Cout,Ho,Wo)");
   const float* xs = x.typed_data();
@@ -381,13 +396,23 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (float& v : pooled) sum += (v = std::exp(v - mx));
       for (float& v : pooled) v /= sum;
     }
-    const float* hw_ = head_w.typed_data();
-    std::copy(head_b.typed_data(), head_b.typed_data() + g.cout, out_logits);
-    for (int c = 0; c < g.cin; ++c) {
-      const float pc = pooled[c];
-      const float* row = hw_ + static_cast<size_t>(c) * g.cout;
-      for (int o = 0; o < g.cout; ++o) out_logits[o] += pc * row[o];
-    }
+    // logits = head_b + pooled @ head_w, reading only the rows of channels that are
+    // not all zero: an all-zero channel pools to 0, so every one of them has the same
+    // head input s0 (softmax(0), or 0), and together they add s0 * (colsum - the
+    // other rows' sum). A 1024-channel MobileNet head is 4 MB; most rows are skipped.
+    float s0 = 0.0f;
+    for (int c = 0; c < g.cin; ++c)
+      if (!nonzero[c]) {
+        s0 = pooled[c];
+        break;
+      }
+    const float* hb = head_b.typed_data();
+    const float* colsum = head_colsum.typed_data();
+    for (int o = 0; o < g.cout; ++o) out_logits[o] = hb[o] + s0 * colsum[o];
+    for (int c = 0; c < g.cin; ++c)
+      if (nonzero[c])
+        Axpy(g.cout, pooled[c] - s0, head_w.typed_data() + static_cast<size_t>(c) * g.cout,
+             out_logits);
     for (int o = 0; o < g.cout; ++o)
       mask[o] = out_logits[o] > 0.0f && (!depthwise || nonzero[o]) ? 1.0f : 0.0f;
   }
@@ -434,6 +459,7 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FttwGatedConv, GatedConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
