@@ -76,7 +76,8 @@ def parse_args(argv=None):
   p.add_argument('--band', type=int, default=2, help='sparse: in/out level pairs with a branch')
   p.add_argument('--rows-max-pixels', type=int, default=16)
   p.add_argument('--min-channels', type=int, default=32)
-  p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax')
+  p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax '
+                 '(native_sparse: every native column)')
   p.add_argument('--xla-flags', default=None,
                  help=f'replace XLA_FLAGS (default: append {NO_YNN_FUSION})')
   args = p.parse_args(argv)

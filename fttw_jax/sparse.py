@@ -535,7 +535,7 @@ def fold_variables(variables, input_major: bool = True) -> dict:
       if HEAD_NAME in tree:
         entry['head_w'] = jnp.asarray(tree[HEAD_NAME]['kernel'], jnp.float32)
         entry['head_b'] = jnp.asarray(tree[HEAD_NAME]['bias'], jnp.float32)
-        if input_major and entry['w'].shape[2] > 1:             # not depthwise
+        if input_major and entry['w'].shape[2] > 1:  # not depthwise
           entry['w_in'] = jnp.transpose(entry['w'], (2, 0, 1, 3))
       out[path] = entry
       return
