@@ -117,6 +117,17 @@ def machine() -> dict:
           'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
+def synthetic_model(name, dataset, width, keep, seed, kind):
+  """(gated model, random variables with synthetic masks, a line describing the masks)."""
+  from fttw_jax import data, models
+  info = data.get_info(dataset)
+  model = models.create_model(name, num_classes=info.num_classes, width=width,
+                              gate=models.GateConfig())
+  variables = random_variables(model, (1, info.image_size, info.image_size, 3), seed)
+  variables = synthetic_heads(variables, keep, seed, kind)
+  return model, variables, f'synthetic {kind} keep={keep} seed={seed}'
+
+
 def synthetic_heads(variables, keep: float, seed: int, kind: str = 'exact'):
   """Head biases +-0.1 and 1e-3 kernels, so each layer's mask is fixed whatever the
   input, with a margin far from the 0 threshold: 'exact' switches on a random
@@ -227,7 +238,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fttw_jax import data, flops, models, sparse, sparse_native
+  from fttw_jax import data, flops, sparse, sparse_native
 
   if args.device:
     try:
@@ -240,12 +251,8 @@ def main(argv=None):
     width, mask_source = config.width, f'checkpoint {args.checkpoint}'
   else:
     dataset, width = args.dataset, args.width
-    info = data.get_info(dataset)
-    model = models.create_model(args.model, num_classes=info.num_classes, width=width,
-                                gate=models.GateConfig())
-    variables = random_variables(model, (1, info.image_size, info.image_size, 3), args.seed)
-    variables = synthetic_heads(variables, args.keep, args.seed, args.mask_kind)
-    mask_source = f'synthetic {args.mask_kind} keep={args.keep} seed={args.seed}'
+    model, variables, mask_source = synthetic_model(args.model, dataset, width, args.keep,
+                                                    args.seed, args.mask_kind)
   name = type(model).__name__ if args.checkpoint else args.model
   size = data.get_info(dataset).image_size
   xs, input_kind = inputs(args, dataset, size, from_data=bool(args.checkpoint))

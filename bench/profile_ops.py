@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from inference import machine, random_variables, set_xla_flags, synthetic_heads  # noqa: E402
+from inference import machine, set_xla_flags, synthetic_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,19 +86,18 @@ def main(argv=None):
   set_xla_flags()
   import jax
   import numpy as np
-  from fttw_jax import data, models, sparse
+  from fttw_jax import data, sparse
 
-  info = data.get_info(args.dataset)
-  model = models.create_model(args.model, num_classes=info.num_classes, gate=models.GateConfig())
-  shape = (1, info.image_size, info.image_size, 3)
-  variables = synthetic_heads(random_variables(model, shape, args.seed), args.keep, args.seed,
-                              args.mask_kind)
+  model, variables, masks = synthetic_model(args.model, args.dataset, 1.0, args.keep,
+                                            args.seed, args.mask_kind)
+  size = data.get_info(args.dataset).image_size
+  shape = (1, size, size, 3)
   sm = sparse.SparseModel.from_variables(model, variables)
   fns = {'dense': sm.dense, 'masked': lambda x: sm.masked_dense(x)[0],
          'sparse': lambda x: sm(x)[0]}
   x = jax.numpy.asarray(np.random.default_rng(args.seed).normal(size=shape), 'float32')
   out = {'model': args.model, 'dataset': args.dataset,
-         'masks': f'synthetic {args.mask_kind} keep={args.keep} seed={args.seed}',
+         'masks': masks,
          'calls': args.calls}
   for which in args.which.split(','):
     f = fns[which]
