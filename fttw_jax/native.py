@@ -127,8 +127,9 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
   ``head`` = (head_w (Cin, Cout), head_b (Cout,)[, head_w.sum(0)]) or None (a plain
   conv: logits zeros, mask ones); pass the column sums, computed once at load time,
-  or every call reads all of head_w for them; ``residual`` (Cout, Ho, Wo) or None. The mask is the one
-  applied (depthwise: also off where the input channel is all zero, SPEC 2.2).
+  or every call reads all of head_w for them. ``residual`` (Cout, Ho, Wo) or None.
+  The mask is the one applied (depthwise: also off where the input channel is all
+  zero, SPEC 2.2).
   ``sparse=False`` computes every channel and then masks. Batches: ``jax.vmap``
   (runs sample by sample).
   """

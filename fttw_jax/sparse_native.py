@@ -28,6 +28,7 @@ from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, Mobil
 from fttw_jax.models.resnet import ResNet
 from fttw_jax.models.vgg import VGG
 
+
 class _Runner:
   """Runs one CHW sample; ``mode`` picks sparse / masked dense / plain dense."""
 
@@ -44,12 +45,11 @@ class _Runner:
     if pointwise:    # pixels as one row: full 8-pixel vectors on 4x4 and 2x2 maps too
       x = x.reshape(shape[0], 1, -1)
       residual = None if residual is None else residual.reshape(residual.shape[0], 1, -1)
+    head = (p['head_w'], p['head_b'], p['head_colsum']) if gated else None
     y, logits, mask = native.gated_conv(
-        x, p['w'], p['b'], (p['head_w'], p['head_b'], p['head_colsum']) if gated else None,
-        residual,
-        stride=stride, relu=relu, post_relu=post_relu, after_block=after_block,
-        pool=self.gate.pool, softmax=self.gate.softmax, sparse=self.mode == 'sparse',
-        depthwise=depthwise)
+        x, p['w'], p['b'], head, residual, stride=stride, relu=relu, post_relu=post_relu,
+        after_block=after_block, pool=self.gate.pool, softmax=self.gate.softmax,
+        sparse=self.mode == 'sparse', depthwise=depthwise)
     if gated:
       self.aux[name] = {'logits': logits, 'mask': mask}
     return y.reshape(y.shape[0], *shape[1:]) if pointwise else y

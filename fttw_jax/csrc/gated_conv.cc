@@ -253,14 +253,14 @@ void RunBlockK(const Layer& L, int ob, int v_begin, int v_end) {
 
 // Work item ``item`` of ``chunks`` per output block: one block, a range of pixel vectors.
 void RunItem(const Layer& L, int item, int chunks) {
+  const int vecs = L.geometry->vecs;
   int ob = item / chunks, c = item % chunks;
-  int per = (L.geometry->vecs + chunks - 1) / chunks;
+  int per = (vecs + chunks - 1) / chunks;
   per = (per + kT - 1) / kT * kT;
-  int v_begin = c * per, v_end = std::min(L.geometry->vecs, v_begin + per);
+  int v_begin = c * per, v_end = std::min(vecs, v_begin + per);
   if (v_begin >= v_end) return;
   // Fewer pixel vectors than a tile holds (outputs of a few pixels): narrower tiles,
   // or the tile would compute the same vector several times.
-  const int vecs = L.geometry->vecs;
   if (vecs >= kT) RunBlockK<kT>(L, ob, v_begin, v_end);
   else if (vecs >= 2) RunBlockK<2>(L, ob, v_begin, v_end);
   else RunBlockK<1>(L, ob, v_begin, v_end);
@@ -283,11 +283,13 @@ struct Work {
 };
 
 void RunParallel(const Layer& L, ffi::ThreadPool pool) {
+  const Geometry& g = *L.geometry;
   int blocks = (L.n_outs + kOB - 1) / kOB;
-  int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * L.geometry->k * L.geometry->k * L.geometry->ho * L.geometry->wo;
-  int helpers = macs < (1 << 21) ? 0 : static_cast<int>(pool.num_threads());  // else not worth a hand-off
+  int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * g.k * g.k * g.ho * g.wo;
+  // Below 2M MACs a hand-off costs more than it saves (the pool wakes too late).
+  int helpers = macs < (1 << 21) ? 0 : static_cast<int>(pool.num_threads());
   // About 4 items per thread, so that a late helper does not leave the caller waiting long.
-  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (L.geometry->vecs + kT - 1) / kT);
+  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (g.vecs + kT - 1) / kT);
   if (helpers == 0) chunks = 1;
   int items = blocks * chunks;
   helpers = std::min(helpers, items - 1);
@@ -349,8 +351,9 @@ ChannelStats Scan(const float* p, int n) {
 ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
                          ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
-                         ffi::Buffer<ffi::F32> head_colsum, ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                         ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> mask_out,
+                         ffi::Buffer<ffi::F32> head_colsum, ffi::Buffer<ffi::F32> residual,
+                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> logits,
+                         ffi::ResultBuffer<ffi::F32> mask_out,
                          int64_t stride, int64_t pad, bool relu, bool post_relu,
                          bool after_block, bool pool_max, bool softmax, bool sparse,
                          bool depthwise) {
