@@ -4,20 +4,32 @@ Modes: ``train`` (resumes automatically), ``evaluate`` (restore a checkpoint,
 write ``eval/<step>.json``), ``estimate`` (FLOPs a given r will cost, before
 dynamic training; or the r for ``--target_reduction``), ``report`` (PNG plots
 and ``report.md``).
+
+Exit status: 0 done; 2 bad input (a config value or variant, a missing file, a
+``--checkpoint`` choice, a workdir of another run: one line, no traceback unless
+``--debug``); 3 training hit a non-finite loss or state (nothing of it saved);
+143 preempted by SIGTERM after checkpointing (rerun the same command to resume);
+anything else is a bug and prints its traceback.
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fttw_jax import errors  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, eval.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'report'], 'What to do.')
 flags.DEFINE_string('checkpoint', 'best', "evaluate: 'best', 'latest' or a step number.")
+flags.DEFINE_bool('overwrite', False, "train: discard the workdir's artefacts of another run "
+                  '(checkpoints, eval, events, config.json, run.json, report) and start afresh.')
+flags.DEFINE_bool('debug', False, 'Print tracebacks for bad-input errors too.')
 flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction.')
 flags.DEFINE_float('estimate_examples', 512, 'estimate: training examples to sample.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
@@ -26,6 +38,23 @@ flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of proce
 flags.DEFINE_integer('num_processes', None, 'Multi-host: total number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str, code: int) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag or config file is one line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    if '--debug' in argv:
+      raise
+    # config_flags puts the config file's own error (e.g. an unknown variant) last.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(lines[-1] if lines else str(e), errors.EXIT_USER_ERROR)
 
 
 def initialize_distributed():
@@ -44,18 +73,15 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  quiet_library_logs()
-  initialize_distributed()
-  config = FLAGS.config
+def run(config) -> int:
+  """Run the mode; the exit status."""
   if FLAGS.mode == 'train':
     from fttw_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'evaluate':
-    from fttw_jax import evaluate
-    evaluate.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
+    result = train.train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    return errors.EXIT_PREEMPTED if 'preempted_at_step' in (result or {}) else errors.EXIT_OK
+  if FLAGS.mode == 'evaluate':
+    from fttw_jax import checkpoint, evaluate
+    evaluate.evaluate_checkpoint(config, FLAGS.workdir, checkpoint.parse_which(FLAGS.checkpoint))
   elif FLAGS.mode == 'estimate':
     from fttw_jax import estimate
     estimate.run(config, FLAGS.workdir, target_reduction=FLAGS.target_reduction,
@@ -63,7 +89,26 @@ def main(argv):
   else:
     from fttw_jax import report
     report.write_report(FLAGS.workdir, config)
+  return errors.EXIT_OK
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  quiet_library_logs()
+  initialize_distributed()
+  try:
+    code = run(FLAGS.config)
+  except (errors.UserError, FileNotFoundError) as e:  # a missing dataset or file too
+    if FLAGS.debug:
+      raise
+    _fail(' '.join(str(e).split()), errors.EXIT_USER_ERROR)
+  except errors.NonFiniteError as e:
+    if FLAGS.debug:
+      raise
+    _fail(str(e), errors.EXIT_NON_FINITE)
+  sys.exit(code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -9,10 +9,14 @@ few-step run that checks the plumbing.
 """
 
 from fttw_jax.config import base_config
+from fttw_jax.errors import UserError
+from fttw_jax.recipes import variants
 
 
 def get_config(arg: str = 'ftwt'):
-  parts = [p for p in arg.split(',') if p]
+  parts = variants(arg, ('baseline', 'ftwt', 'smoke'))
+  if 'baseline' in parts and 'ftwt' in parts:
+    raise UserError(f"config variant {arg!r} names both 'baseline' and 'ftwt'; pick one")
   stage = 'baseline' if 'baseline' in parts else 'ftwt'
   c = base_config()
   c.model = 'resnet20'

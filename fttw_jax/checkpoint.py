@@ -1,9 +1,13 @@
-"""Orbax checkpoints of a workdir: layout, save, restore, and the config check.
+"""Orbax checkpoints of a workdir: layout, save, restore, integrity, and the config check.
 
 Layout (``W`` a local path or ``gs://...``)::
 
-  W/checkpoints/<step>/   latest N, for resuming: items variables, opt_state, config, meta
-  W/best/<step>/          the best by eval top-1 (same items)
+  W/checkpoints/<step>/   items variables, opt_state, config, meta (+ metrics: eval top-1)
+
+One ``CheckpointManager`` owns the directory. Its preservation policy keeps the
+latest N steps and the best step by top-1 (the manager's ``best_step``), so there
+is one record of which checkpoint is best. Workdirs written before this layout
+also hold ``W/best/<step>/``; reading (evaluate, api, report) still finds it.
 
 ``variables`` is ``{'params', 'batch_stats'}``; ``opt_state`` is only needed to
 resume training, so evaluation, ``init_from`` and the research API restore
@@ -14,15 +18,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
-CHECKPOINT_DIRS = ('checkpoints', 'best')
+from fttw_jax.errors import CorruptCheckpointError, NotFoundError, UserError
+
+CHECKPOINTS = 'checkpoints'
+LEGACY_BEST = 'best'          # the best-by-top-1 copy of workdirs of the older layout
+CHECKPOINT_DIRS = (CHECKPOINTS, LEGACY_BEST)
+TMP_MARKER = '.orbax-checkpoint-tmp'
+CORRUPT = 'corrupt'            # unreadable steps a resumed run moved out of the way
+WHICH = ('best', 'latest')
+
+
+def _top1(metrics) -> float:
+  return metrics['top1']
 
 
 def _handlers():
@@ -33,8 +51,10 @@ def _handlers():
 
 
 def _reader(root) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers=_handlers())
+  return ocp.CheckpointManager(
+      root, options=ocp.CheckpointManagerOptions(read_only=True, best_fn=_top1,
+                                                 best_mode='max'),
+      item_handlers=_handlers())
 
 
 def as_path(path) -> epath.Path:
@@ -43,100 +63,183 @@ def as_path(path) -> epath.Path:
   return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
-def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
-  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-
-
-def create_managers(workdir, max_to_keep: int = 3) -> tuple[ocp.CheckpointManager,
-                                                             ocp.CheckpointManager]:
-  """(latest-N manager, best-by-top-1 manager) under ``workdir``.
-
-  Both save the same step at once; on several processes their barriers would
-  share names (``async_commit_complete.<step>``) and fail, so each gets its own
-  barrier key prefix.
-  """
-  workdir = as_path(workdir)
-  latest = ocp.CheckpointManager(
-      workdir / 'checkpoints',
+def create_manager(workdir, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  """The manager of ``workdir/checkpoints``: keeps the latest ``max_to_keep`` steps
+  and the best one by eval top-1 (steps saved without metrics never count as best)."""
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=max_to_keep),
+      checkpoint_managers.BestN(get_metric_fn=_top1, n=1,
+                                keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManager(
+      as_path(workdir) / CHECKPOINTS,
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True,
-          multiprocessing_options=_barrier_prefix('checkpoints')),
+          create=True, best_fn=_top1, best_mode='max', preservation_policy=policy),
       item_handlers=_handlers())
-  best = ocp.CheckpointManager(
-      workdir / 'best',
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m['top1'], best_mode='max',
-          keep_checkpoints_without_metrics=False,
-          multiprocessing_options=_barrier_prefix('best')),
-      item_handlers=_handlers())
-  return latest, best
 
 
 def save(manager: ocp.CheckpointManager, step: int, variables, opt_state,
-         config: ml_collections.ConfigDict, meta: dict, metrics: dict | None = None,
-         force: bool = False) -> None:
-  manager.save(
+         config: ml_collections.ConfigDict, meta: dict, metrics: dict | None = None) -> None:
+  """Save ``step``; orbax skipping it (a step at or below its latest) is an error."""
+  saved = manager.save(
       step,
       args=ocp.args.Composite(
           variables=ocp.args.StandardSave(variables),
           opt_state=ocp.args.StandardSave(opt_state),
           config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
           meta=ocp.args.JsonSave(meta)),
-      metrics=metrics, force=force)
+      metrics=metrics)
+  if not saved:
+    raise RuntimeError(f'orbax skipped saving step {step} in {manager.directory} (its latest '
+                       f'step is {manager.latest_step()}); nothing was written')
 
 
-def restore_train(manager: ocp.CheckpointManager, step: int, variables, opt_state):
-  """Restore variables, optimizer state and meta for resuming, onto the given targets."""
-  out = manager.restore(
-      step,
-      args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(variables),
-          opt_state=ocp.args.StandardRestore(opt_state),
-          meta=ocp.args.JsonRestore()))
-  return out['variables'], out['opt_state'], out['meta']
+# ------------------------------------------------------------------ integrity
+
+def _json_files(step_dir: epath.Path):
+  """The small JSON files of a step: its own metadata, each item's metadata, and the
+  JSON items (config, meta, metrics). Two levels only: no recursive glob on GCS."""
+  for p in sorted(step_dir.iterdir()) if step_dir.exists() else ():
+    if p.name == '_CHECKPOINT_METADATA':
+      yield p
+    elif p.is_dir():
+      for q in sorted(p.iterdir()):
+        if q.name in ('_METADATA', 'metadata', 'metrics'):
+          yield q
 
 
-def resolve(path, which: str | int = 'latest') -> tuple[epath.Path, int]:
-  """Find (checkpoint manager directory, step) from a workdir or checkpoint path.
-
-  ``path`` may be a workdir, a ``checkpoints``/``best`` directory, or one step
-  directory in it. ``which`` is 'latest', 'best' or a step number.
-  """
-  path = as_path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'no such workdir or checkpoint: {path}')
-  if path.name.isdigit() and path.parent.name in CHECKPOINT_DIRS:
-    return path.parent, int(path.name)
-  if path.name in CHECKPOINT_DIRS:
-    root, kind = path, path.name
-  else:
-    kind = 'best' if which == 'best' else 'checkpoints'
-    root = path / kind
-    if kind == 'best' and not _steps(root):
-      root = path / 'checkpoints'  # no eval yet: fall back to the latest
-  steps = _steps(root)
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint found under {path} (looked in {root})')
-  if which in ('latest', 'best'):
-    return root, max(steps)
-  step = int(which)
-  if step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {root}; available: {steps}')
-  return root, step
+def check_json(step_dir) -> None:
+  """Every JSON file of a step parses; else CorruptCheckpointError naming the file."""
+  step_dir = epath.Path(step_dir)
+  for p in _json_files(step_dir):
+    try:
+      json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CorruptCheckpointError(
+          f'corrupt checkpoint {step_dir}: file {p.relative_to(step_dir)} is not valid JSON '
+          f'({e})') from None
 
 
-def _steps(root: epath.Path) -> list[int]:
+def describe_failure(step_dir, error: BaseException) -> str:
+  """One line naming the step directory and, where the error says, the file."""
+  step_dir = epath.Path(step_dir)
+  files = re.findall(r'file "([^"]+)"', str(error)) or re.findall(r"'(/[^']+)'", str(error))
+  where = f': file {files[-1]}' if files else ''
+  reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''
+  return f'corrupt checkpoint {step_dir}{where} ({type(error).__name__}: {reason})'
+
+
+def _restore(mgr: ocp.CheckpointManager, step: int, args):
+  """``mgr.restore``, any read failure raised as one CorruptCheckpointError line."""
+  step_dir = epath.Path(mgr.directory) / str(step)
+  check_json(step_dir)
+  try:
+    return mgr.restore(step, args=args)
+  except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+    raise CorruptCheckpointError(describe_failure(step_dir, e)) from e
+
+
+def clean_tmp_dirs(workdir) -> list[epath.Path]:
+  """Remove unfinished saves (``*.orbax-checkpoint-tmp*``) left by a killed run."""
+  root = as_path(workdir) / CHECKPOINTS
+  removed = [p for p in (root.iterdir() if root.exists() else ()) if TMP_MARKER in p.name]
+  for p in removed:
+    logging.warning('removing %s: an unfinished checkpoint save of an earlier run', p)
+    p.rmtree() if p.is_dir() else p.unlink()
+  return removed
+
+
+def set_aside(workdir, step: int) -> epath.Path:
+  """Move an unreadable step out of the manager's way to ``W/corrupt/`` (kept, not
+  deleted), so that resuming past it can save that step number again."""
+  workdir = as_path(workdir)
+  src, folder = workdir / CHECKPOINTS / str(step), workdir / CORRUPT
+  folder.mkdir(parents=True, exist_ok=True)
+  dst, n = folder / str(step), 1
+  while dst.exists():
+    dst, n = folder / f'{step}.{n}', n + 1
+  src.rename(dst)
+  logging.warning('moved the unreadable checkpoint %s to %s (kept for inspection)', src, dst)
+  return dst
+
+
+def restore_train(workdir, step: int, variables, opt_state):
+  """(variables, optimizer state, config, meta) of ``step`` for resuming, onto the targets."""
+  with _reader(as_path(workdir) / CHECKPOINTS) as mgr:
+    out = _restore(mgr, step, ocp.args.Composite(
+        variables=ocp.args.StandardRestore(variables),
+        opt_state=ocp.args.StandardRestore(opt_state),
+        config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  return (out['variables'], out['opt_state'], ml_collections.ConfigDict(out['config']),
+          dict(out['meta']))
+
+
+def has_metrics(workdir, step: int) -> bool:
+  with _reader(as_path(workdir) / CHECKPOINTS) as mgr:
+    return mgr.metrics(step) is not None
+
+
+# ------------------------------------------------------------------ finding a checkpoint
+
+def parse_which(which) -> str | int:
+  """'best', 'latest' or a step (an int or a string of digits); else a UserError."""
+  if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+    return int(which)
+  if str(which).isdigit():
+    return int(which)
+  if which in WHICH:
+    return which
+  raise UserError(f'--checkpoint={which!r} is invalid; valid: {list(WHICH)} or a step number')
+
+
+def steps(root) -> list[int]:
+  root = epath.Path(root)
   if not root.exists():
     return []
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _best_step(root: epath.Path) -> int | None:
+  with _reader(root) as mgr:
+    return mgr.best_step() if mgr.all_steps() else None
+
+
+def resolve(path, which: str | int = 'latest') -> tuple[epath.Path, int]:
+  """Find (checkpoint directory, step) from a workdir or checkpoint path.
+
+  ``path`` may be a workdir, its ``checkpoints`` (or older ``best``) directory, or
+  one step directory in it. ``which`` is 'latest', 'best' (by eval top-1; the
+  latest when no step has been evaluated) or a step number.
+  """
+  which = parse_which(which)
+  path = as_path(path)
+  if not path.exists():
+    raise NotFoundError(f'no such workdir or checkpoint: {path}')
+  if path.name.isdigit() and path.parent.name in CHECKPOINT_DIRS:
+    return path.parent, int(path.name)
+  root = path if path.name in CHECKPOINT_DIRS else path / CHECKPOINTS
+  available = steps(root)
+  if which == 'best' and root.name == CHECKPOINTS:
+    best = _best_step(root) if available else None
+    legacy = steps(root.parent / LEGACY_BEST)
+    if best is None and legacy:  # an older workdir: its best/ holds the best step
+      return root.parent / LEGACY_BEST, max(legacy)
+    if best is not None:
+      return root, best
+  if not available:
+    raise NotFoundError(f'no checkpoint found under {path} (looked in {root})')
+  if which in WHICH:
+    return root, max(available)
+  if which not in available:
+    raise NotFoundError(f'no checkpoint for step {which} in {root}; available: {available}')
+  return root, which
 
 
 def read_config(path, which: str | int = 'latest') -> tuple[ml_collections.ConfigDict, dict, int]:
   """(config, meta, step) stored with a checkpoint, without reading any array."""
   root, step = resolve(path, which)
   with _reader(root) as mgr:
-    out = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                    meta=ocp.args.JsonRestore()))
+    out = _restore(mgr, step, ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                  meta=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(out['config']), dict(out['meta']), step
 
 
@@ -156,7 +259,7 @@ def check_compatible(expected, stored, what: str) -> None:
     if wrong:
       lines.append('  wrong shape: ' + ', '.join(
           f'{k} {got[k]} != expected {exp[k]}' for k in wrong[:8]))
-    raise ValueError('\n'.join(lines))
+    raise UserError('\n'.join(lines))
 
 
 def restore_variables(path, which: str | int = 'latest', target: Any = None):
@@ -168,11 +271,12 @@ def restore_variables(path, which: str | int = 'latest', target: Any = None):
   """
   root, step = resolve(path, which)
   with _reader(root) as mgr:
+    check_json(root / str(step))
     stored = mgr.item_metadata(step)['variables']
     if target is not None:
       check_compatible(target, stored, f'checkpoint {root / str(step)}')
       target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
-    out = mgr.restore(step, args=ocp.args.Composite(
+    out = _restore(mgr, step, ocp.args.Composite(
         variables=ocp.args.StandardRestore(target),
         config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
   return (out['variables'], ml_collections.ConfigDict(out['config']), dict(out['meta']), step)

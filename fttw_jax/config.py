@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from fttw_jax import models
+from fttw_jax.errors import UserError
 
 STAGES = ('baseline', 'ftwt')
 SCHEDULES = ('step', 'cosine', 'constant')
@@ -70,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _choice(name, value, valid):
   if value not in valid:
-    raise ValueError(f'config.{name}={value!r} is invalid; valid values: {list(valid)}')
+    raise UserError(f'config.{name}={value!r} is invalid; valid values: {list(valid)}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -83,15 +84,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for opt in ('optimizer', 'head_optimizer'):
     _choice(f'{opt}.schedule', config[opt].schedule, SCHEDULES)
     if not config[opt].learning_rate >= 0:
-      raise ValueError(f'config.{opt}.learning_rate={config[opt].learning_rate!r} must be >= 0')
+      raise UserError(f'config.{opt}.learning_rate={config[opt].learning_rate!r} must be >= 0')
   if not (isinstance(config.batch_size, int) and config.batch_size > 0):
-    raise ValueError(f'config.batch_size={config.batch_size!r} must be a positive int')
+    raise UserError(f'config.batch_size={config.batch_size!r} must be a positive int')
   if not (isinstance(config.num_epochs, int) and config.num_epochs > 0):
-    raise ValueError(f'config.num_epochs={config.num_epochs!r} must be a positive int')
+    raise UserError(f'config.num_epochs={config.num_epochs!r} must be a positive int')
   if not 0.0 <= config.cooldown <= 1.0:
-    raise ValueError(f'config.cooldown={config.cooldown!r} must be in [0, 1]')
+    raise UserError(f'config.cooldown={config.cooldown!r} must be in [0, 1]')
   if not config.width > 0:
-    raise ValueError(f'config.width={config.width!r} must be > 0')
+    raise UserError(f'config.width={config.width!r} must be > 0')
+  for key in ('log_every_steps', 'eval_every_epochs', 'checkpoint_every_epochs',
+              'max_checkpoints'):
+    if not (isinstance(config[key], int) and config[key] >= 1):
+      raise UserError(f'config.{key}={config[key]!r} must be an int >= 1')
   gate_config(config, mask_source='predicted')  # validates mode, pool, criterion, r / q
 
 
@@ -104,7 +109,7 @@ def gate_config(config, **overrides) -> models.GateConfig | None:
   try:
     return models.GateConfig(**fields)
   except ValueError as e:
-    raise ValueError(f'invalid config.gate: {e}') from None
+    raise UserError(f'invalid config.gate: {e}') from None
 
 
 def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
@@ -119,7 +124,8 @@ def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
 EXPERIMENT_KEYS = ('model', 'width', 'dataset', 'stage')
 
 
-def describe_differences(stored, config, keys=EXPERIMENT_KEYS, label='config') -> str:
+def describe_differences(stored, config, keys=EXPERIMENT_KEYS, label='config',
+                         stored_label='checkpoint') -> str:
   """'' when ``stored`` and ``config`` agree on ``keys``, else 'k: checkpoint a vs label b, ...'."""
-  return ', '.join(f'{k}: checkpoint {stored.get(k)!r} vs {label} {config.get(k)!r}'
+  return ', '.join(f'{k}: {stored_label} {stored.get(k)!r} vs {label} {config.get(k)!r}'
                    for k in keys if stored.get(k) != config.get(k))

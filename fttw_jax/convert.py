@@ -384,19 +384,17 @@ def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -
     for d in checkpoint.CHECKPOINT_DIRS:  # a stale best/ would shadow the new weights
       if (out / d).exists():
         (out / d).rmtree()
-  new_dirs = [p for p in (out, *(out / d for d in checkpoint.CHECKPOINT_DIRS))
-              if not p.exists()]
+  new_dirs = [p for p in (out, out / checkpoint.CHECKPOINTS) if not p.exists()]
   try:
-    latest, best = checkpoint.create_managers(out)
+    manager = checkpoint.create_manager(out)
     try:
-      latest.save(0, args=ocp.args.Composite(
+      manager.save(0, args=ocp.args.Composite(
           variables=ocp.args.StandardSave(variables),
           config=ocp.args.JsonSave(json.loads(cfg.to_json_best_effort())),
           meta=ocp.args.JsonSave(meta)))
-      latest.wait_until_finished()
+      manager.wait_until_finished()
     finally:
-      latest.close()
-      best.close()
+      manager.close()
   except BaseException:
     for p in new_dirs:
       if p.exists():

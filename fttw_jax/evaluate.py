@@ -21,6 +21,7 @@ from etils import epath
 
 from fttw_jax import checkpoint, data, flops, train
 from fttw_jax import config as config_lib
+from fttw_jax.errors import UserError
 
 EXPERIMENT_KEYS = config_lib.EXPERIMENT_KEYS
 # Fields that change the forward pass without changing any parameter shape.
@@ -63,7 +64,7 @@ def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
   """
   details = config_lib.describe_differences(stored, config, keys, label='--config')
   if details:
-    raise ValueError(
+    raise UserError(
         f'--config disagrees with the config stored with the checkpoint in {where} '
         f'({details}). Pass the config the run was trained with (it is saved in '
         f'{where}/config.json).')
@@ -118,7 +119,8 @@ def evaluate_restored(r: Restored, max_examples: int | None = None) -> dict:
   steps_per_epoch = data.steps_per_epoch(config.dataset, r.stored_config.batch_size)
   result.update(step=r.step, epoch=r.step / max(steps_per_epoch, 1), checkpoint=str(r.path),
                 model=config.model, width=config.width, dataset=config.dataset,
-                num_classes=int(r.meta.get('num_classes', 0)), stage=config.stage)
+                num_classes=int(r.meta.get('num_classes', 0)), stage=config.stage,
+                run_id=r.meta.get('run_id'))
   if r.gated:
     result['active_ratio'] = ordered_ratios(result['active_ratio'], r.profile)
   return result
@@ -137,14 +139,18 @@ def evaluate_checkpoint(config, workdir, which: str | int = 'best', *,
   ``config`` may be None (use the stored one); ``which`` is 'best', 'latest' or
   a step (an int or a string of digits, as the --checkpoint flag gives it).
   """
-  which = int(which) if str(which).isdigit() else which
-  r = restore(workdir, which, config)
+  r = restore(workdir, checkpoint.parse_which(which), config)
   result = evaluate_restored(r, max_examples)
   if jax.process_index() == 0:
-    path = train.write_eval_json(r.workdir, r.step, result)
     if not quiet:
       print(format_table(result, r.profile))
-      print(f'\nwritten: {path}')
+    try:
+      path = train.write_eval_json(r.workdir, r.step, result)
+    except OSError as e:  # a read-only workdir: the table above is the result
+      print(f'\nthe eval JSON could not be written ({e}); the table above is the result')
+    else:
+      if not quiet:
+        print(f'\nwritten: {path}')
   return result
 
 

@@ -9,16 +9,22 @@ few steps to check the plumbing on a new machine.
 from __future__ import annotations
 
 from fttw_jax.config import base_config
+from fttw_jax.errors import UserError
 
 CIFAR_DECAY_EPOCHS = (81, 122, 151)
 
 
-def _apply_variant(c, arg: str):
+def variants(arg: str, valid) -> list[str]:
+  """The comma-separated parts of a config-string variant, each one of ``valid``."""
   parts = [p for p in (arg or '').split(',') if p]
-  unknown = set(parts) - {'smoke'}
+  unknown = [p for p in parts if p not in valid]
   if unknown:
-    raise ValueError(f'unknown config variant(s) {sorted(unknown)}; valid: [\'smoke\']')
-  if 'smoke' in parts:
+    raise UserError(f'unknown config variant(s) {unknown}; valid: {list(valid)}')
+  return parts
+
+
+def _apply_variant(c, arg: str):
+  if 'smoke' in variants(arg, ('smoke',)):
     c.max_steps, c.log_every_steps, c.eval_max_examples = 4, 1, 256
     c.batch_size = min(c.batch_size, 64)
   return c

@@ -30,7 +30,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fttw_jax import checkpoint, data, flops, ftwt, models
+from fttw_jax import workdir as workdir_lib
 from fttw_jax import config as config_lib
+from fttw_jax.errors import CorruptCheckpointError, NonFiniteError, UserError
 
 AXIS = 'data'
 
@@ -182,8 +184,23 @@ def eval_step(variables, batch, *, model, config, prof):
   return _per_example_stats(logits, batch['label'], aux['gates'], prof), batch['mask']
 
 
+def all_finite(tree) -> jax.Array:
+  """One boolean: every floating-point leaf of ``tree`` is finite (cheap, on device)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), bool)
+
+
+def _checked_step(state, batch, **kwargs):
+  """``train_step`` plus metrics['finite']: its loss and the whole new state are finite,
+  so that a state is known finite before it can be saved."""
+  new_state, metrics = train_step(state, batch, **kwargs)
+  metrics['finite'] = jnp.logical_and(jnp.isfinite(metrics['loss']), all_finite(new_state))
+  return new_state, metrics
+
+
 def make_train_step(mesh, **kwargs):
-  step = functools.partial(train_step, **kwargs)
+  step = functools.partial(_checked_step, **kwargs)
   donate = (0,) if jax.default_backend() != 'cpu' else ()  # CPU cannot donate: no warning
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                out_specs=(P(), P())), donate_argnums=donate)
@@ -233,10 +250,13 @@ def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int) 
 # ------------------------------------------------------------------ loop helpers
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints after the current step and exits."""
+  """SIGTERM sets a flag; the loop checks it after every step (each step is waited
+  for, so the stop comes within one step of the signal), checkpoints and returns.
+  Installed for the whole run: start-up and the head-init pass included."""
 
   def __init__(self):
     self.requested = False
+    self.signal_time = None
     self._previous = None
 
   def __enter__(self):
@@ -247,8 +267,8 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: checkpointing after the current step.')
-    self.requested = True
+    logging.warning('SIGTERM received: stopping after the current step.')
+    self.requested, self.signal_time = True, time.time()
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -264,12 +284,19 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
+def preempted(step: int | None, why: str, preemption: _Preemption) -> dict:
+  delay = '' if preemption.signal_time is None else (
+      f' {time.time() - preemption.signal_time:.1f}s after the signal')
+  logging.warning('preempted: %s%s; exiting (rerun the same command to resume).', why, delay)
+  return {'preempted_at_step': step}
+
+
 def check_resumable(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                     where) -> None:
   """A workdir holds one experiment: refuse to continue it with another model."""
   details = config_lib.describe_differences(stored, config)
   if details:
-    raise ValueError(
+    raise UserError(
         f'{where} holds a checkpoint of another experiment ({details}). Use a new '
         '--workdir; the existing checkpoint was left untouched.')
 
@@ -293,7 +320,10 @@ def load_backbone(init_from: str, state: TrainState, mesh) -> TrainState:
   """Backbone params and BN stats from a baseline checkpoint; heads stay fresh."""
   backbone, heads = split_heads(jax.device_get(state.params))
   target = {'params': backbone, 'batch_stats': jax.device_get(state.batch_stats)}
-  variables, _, meta, step = checkpoint.restore_variables(init_from, 'latest', target=target)
+  try:
+    variables, _, meta, step = checkpoint.restore_variables(init_from, 'latest', target=target)
+  except UserError as e:
+    raise type(e)(f'config.init_from={init_from!r}: {e}') from None
   logging.info('init_from %s: backbone of step %d (%s)', init_from, step, meta.get('stage'))
   return replicate(state.replace(params=merge_heads(variables['params'], heads),
                                  batch_stats=variables['batch_stats']), mesh)
@@ -336,156 +366,223 @@ class MetricsWriter:
       self.tensorboard.flush()
 
 
+def strict_json(result: dict) -> dict:
+  """``result`` with every non-finite number replaced by None (strict JSON has no
+  NaN/Infinity) and, if any was, 'non_finite': the dotted keys that were."""
+  bad = []
+
+  def clean(value, key):
+    if isinstance(value, dict):
+      return {k: clean(v, f'{key}.{k}' if key else k) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+      bad.append(key)
+      return None
+    return value
+
+  out = clean(result, '')
+  if bad:
+    out['non_finite'] = bad
+  return out
+
+
 def write_eval_json(workdir, step: int, result: dict) -> epath.Path:
   path = epath.Path(workdir) / 'eval' / f'{step}.json'
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2, sort_keys=True))
+  path.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True, allow_nan=False))
   return path
 
 
 # ------------------------------------------------------------------ main loop
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def restore_newest_intact(workdir, steps, state: TrainState, config, mesh):
+  """(state, step, corrupt steps) from the newest checkpoint that restores; a corrupt
+  newer one is reported (one line each) and passed over, never deleted here."""
+  corrupt = []
+  for step in reversed(steps):
+    try:
+      variables, opt_state, stored, _ = checkpoint.restore_train(
+          workdir, step, jax.device_get(state.variables), jax.device_get(state.opt_state))
+    except CorruptCheckpointError as e:
+      logging.warning('%s; falling back to the previous checkpoint', e)
+      corrupt.append(step)
+      continue
+    check_resumable(stored, config, workdir)
+    restored = state.replace(step=jnp.asarray(step, jnp.int32), params=variables['params'],
+                             batch_stats=variables['batch_stats'], opt_state=opt_state)
+    return replicate(restored, mesh), step, corrupt
+  if corrupt:
+    raise CorruptCheckpointError(
+        f'no checkpoint in {workdir / checkpoint.CHECKPOINTS} can be read (steps {corrupt}, '
+        'see above); fix or move them, or pass --overwrite to start over')
+  return state, None, corrupt
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict:
   """Train (resuming from ``workdir`` if it holds a checkpoint) and evaluate each epoch.
 
-  Returns the last evaluation result.
+  Everything is checked (config, workdir, dataset, ``init_from``, the checkpoint to
+  resume) before the first write. Returns the last evaluation result, or
+  ``{'preempted_at_step': step}`` when SIGTERM stopped the run first. ``overwrite``
+  discards the workdir's artefacts of another run instead of refusing it.
   """
+  with _Preemption() as preemption:
+    return _train(config, checkpoint.as_path(workdir), overwrite, preemption)
+
+
+def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   config_lib.validate(config)
-  workdir = checkpoint.as_path(workdir)
   info = data.get_info(config.dataset)
   data_dir = config.data_dir or None
   mesh = make_mesh()
   gated = config.stage == 'ftwt'
 
   # Before any directory is created: the global batch must split over devices and processes.
-  data.pipeline.local_batch_size(config.batch_size, jax.process_count())
+  try:
+    data.pipeline.local_batch_size(config.batch_size, jax.process_count())
+  except ValueError as e:
+    raise UserError(str(e)) from None
   steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(f'config.batch_size={config.batch_size} exceeds the {info.num_train} '
-                     f'training examples of {config.dataset}')
+    raise UserError(f'config.batch_size={config.batch_size} exceeds the {info.num_train} '
+                    f'training examples of {config.dataset}')
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
+  plan = workdir_lib.inspect(workdir, config, overwrite)
 
   model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=AXIS)
   eval_model = config_lib.model_from_config(config, info.num_classes)
   image_shape = (info.image_size, info.image_size, 3)
   prof = flops.profile(eval_model, (1, *image_shape))
   tx = create_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
-
-  latest_mgr, best_mgr = checkpoint.create_managers(workdir, config.max_checkpoints)
-  start_step = latest_mgr.latest_step()
-  if start_step is not None:  # check before building anything else or writing logs
-    stored, _, _ = checkpoint.read_config(workdir / 'checkpoints', start_step)
-    check_resumable(stored, config, workdir)
-  # Iterator first: a missing dataset fails before any compile or write.
-  train_iter = data.create_train_iterator(
-      config.dataset, config.batch_size, seed=config.seed,
-      start_step=start_step or 0, data_dir=data_dir)
-
   # An 'rbg' key: threefry-based init takes ~10x longer to compile on CPU.
   state = create_train_state(jax.random.key(config.seed, impl='rbg'), model, tx, image_shape,
                              mesh)
+  state, start_step, corrupt = restore_newest_intact(workdir, plan.steps, state, config, mesh)
+  # A missing dataset fails here, before any write.
+  train_iter = data.create_train_iterator(
+      config.dataset, config.batch_size, seed=config.seed,
+      start_step=start_step or 0, data_dir=data_dir)
+  every = config.log_every_steps
+  if start_step is None:
+    if config.init_from:
+      state = load_backbone(config.init_from, state, mesh)
+    if gated and config.head_init == 'ones':
+      state = _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch,
+                                 should_stop=lambda i: preemption.should_stop(i, every))
+      if state is None:
+        return preempted(None, 'during the head_init pass, before anything was written',
+                         preemption)
+  if preemption.should_stop(0, 1):
+    return preempted(start_step, 'during start-up, before anything was written', preemption)
+
+  # ---- the first write: everything above has been checked.
   is_main = jax.process_index() == 0
+  workdir_lib.prepare(plan, config, is_main)
+  for step in corrupt:
+    checkpoint.set_aside(workdir, step)
+  manager = checkpoint.create_manager(workdir, config.max_checkpoints)
   writer = MetricsWriter(workdir, enabled=is_main)
-  if is_main:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   _log_label_tree(state.params)
   logging.info('%s: %d steps/epoch, %d steps, %d devices, dense MACs %s, heads %s',
                config.model, steps_per_epoch, total_steps, jax.device_count(),
                f'{prof.macs:,}', f'{prof.head_macs:,}' if gated else 0)
-
-  meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
-          'stage': config.stage}
   if start_step is not None:
-    variables, opt_state, stored_meta = checkpoint.restore_train(
-        latest_mgr, start_step, jax.device_get(state.variables),
-        jax.device_get(state.opt_state))
-    state = replicate(state.replace(step=jnp.asarray(start_step, jnp.int32),
-                                    params=variables['params'],
-                                    batch_stats=variables['batch_stats'],
-                                    opt_state=opt_state), mesh)
-    logging.info('resumed from %s at step %d', workdir / 'checkpoints', start_step)
-  else:
-    if config.init_from:
-      state = load_backbone(config.init_from, state, mesh)
-    if gated and config.head_init == 'ones':
-      state = _fit_heads_to_ones(state, config, model, prof, mesh, data_dir,
-                                 steps_per_epoch)
+    logging.info('resumed from %s at step %d', workdir / checkpoint.CHECKPOINTS, start_step)
+
   step_fn = make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
                             steps_per_epoch=steps_per_epoch)
   eval_fn = make_eval_step(mesh, model=eval_model, config=config, prof=prof)
+  meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
+          'stage': config.stage, 'run_id': plan.run['run_id']}
 
   def run_eval(step):
     batches = data.create_eval_iterator(
         config.dataset, config.batch_size, data_dir=data_dir,
         max_examples=config.eval_max_examples if config.eval_max_examples > 0 else None)
     result = evaluate(eval_fn, state.variables, batches, mesh, prof, gated)
-    result.update(step=step, epoch=step / steps_per_epoch, **meta)
+    result.update(step=step, epoch=step / steps_per_epoch, width=config.width, **meta)
     if is_main:
       write_eval_json(workdir, step, result)
     writer.write(step, {k: v for k, v in result.items() if not isinstance(v, str)}, 'eval/')
+    logging.info('step %d epoch %d: top1 %.4f loss %.4f exact FLOPs reduction %.4f', step,
+                 step // steps_per_epoch, result['top1'], result['loss'],
+                 result['flops_reduction_exact'])
     return result
 
-  def save(step, result=None, force=False):
+  def save(step, result):
+    """Only a state whose every step passed the finite check gets here."""
     m = dict(meta, step=step, epoch=step // steps_per_epoch)
     host_vars, host_opt = jax.device_get(state.variables), jax.device_get(state.opt_state)
-    checkpoint.save(latest_mgr, step, host_vars, host_opt, config, m, force=force)
-    if result is not None:
-      checkpoint.save(best_mgr, step, host_vars, host_opt, config, m,
-                      metrics={'top1': result['top1']})
+    checkpoint.save(manager, step, host_vars, host_opt, config, m,
+                    metrics=None if result is None else {'top1': result['top1']})
+
+  def is_eval_step(step):
+    return step == total_steps or (step % steps_per_epoch == 0 and
+                                   (step // steps_per_epoch) % config.eval_every_epochs == 0)
+
+  def is_checkpoint_step(step):
+    return step == total_steps or (step % steps_per_epoch == 0 and
+                                   (step // steps_per_epoch) % config.checkpoint_every_epochs == 0)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.console)
-  step = int(jax.device_get(state.step))
+  step, saved = start_step or 0, start_step
   pending, result = [], None
-  with _Preemption() as preemption:
+  if start_step is not None and is_eval_step(step) and not checkpoint.has_metrics(
+      workdir, step):  # saved by a stop before its evaluation: evaluate it now
+    result = run_eval(step)
+  try:
     while step < total_steps:
       batch = data.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
+      if not bool(metrics.pop('finite')):  # waits for this step: one step in flight at most
+        raise NonFiniteError(non_finite_message(step, float(metrics['loss']), manager))
       report(step)
-      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-      stop = preemption.should_stop(step, config.log_every_steps)
-      if step % config.log_every_steps == 0 or end_of_epoch or stop:
+      stop = preemption.should_stop(step, every)
+      boundary = is_eval_step(step) or is_checkpoint_step(step)
+      if step % every == 0 or boundary or stop:
         _flush(writer, pending)
         pending = []
-      if stop:
-        save(step, force=True)
-        latest_mgr.wait_until_finished()
-        logging.warning('preempted: checkpoint written at step %d; exiting.', step)
-        result = {'preempted_at_step': step}
-        break
-      epoch = step // steps_per_epoch
-      if end_of_epoch:
-        do_eval = epoch % config.eval_every_epochs == 0 or step == total_steps
-        result = run_eval(step) if do_eval else None
-        if result is not None:
-          logging.info('step %d epoch %d: top1 %.4f loss %.4f exact FLOPs reduction %.4f',
-                       step, epoch, result['top1'], result['loss'],
-                       result['flops_reduction_exact'])
-        if epoch % config.checkpoint_every_epochs == 0 or step == total_steps:
-          save(step, result)
-  latest_mgr.wait_until_finished()
-  best_mgr.wait_until_finished()
-  writer.flush()
+      result = run_eval(step) if is_eval_step(step) else None
+      if is_checkpoint_step(step) or (stop and step > (saved or 0)):
+        save(step, result)   # an epoch boundary's evaluation first, even when stopping
+        saved = step
+      if stop and step < total_steps:
+        manager.wait_until_finished()
+        return preempted(step, f'checkpoint written at step {step}', preemption)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
   return result
 
 
+def non_finite_message(step: int, loss: float, manager) -> str:
+  """Names the step and the checkpoints that stay latest and best (none of it is saved)."""
+  latest, best = manager.latest_step(), manager.best_step()
+  kept = ('no checkpoint was written' if latest is None else
+          f'the last finite checkpoint, step {latest} in {manager.directory}, stays the latest'
+          + (f' (best: step {best})' if best is not None else ''))
+  return (f'non-finite training loss {loss} or state at step {step}; stopping, nothing of '
+          f'it saved; {kept}. Fix the config (e.g. a lower learning rate) and rerun: it '
+          'resumes from there.')
+
+
 def _flush(writer, pending):
-  """Fetch queued step metrics, stop on a non-finite loss (naming the step), log means."""
+  """Fetch queued step metrics and log their means."""
   host = jax.device_get([m for _, m in pending])
-  for (step, _), m in zip(pending, host):
-    if not np.isfinite(m['loss']):
-      raise FloatingPointError(
-          f'non-finite training loss {float(m["loss"])} at step {step}; stopping. '
-          'The last checkpoint before it is intact.')
   means = jax.tree.map(lambda *v: float(np.mean(v)), *host)
   writer.write(pending[-1][0], means, 'train/')
 
 
-def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch):
-  """SPEC 4 head_init='ones': one pass fitting only the heads to all-on masks."""
+def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch,
+                       should_stop=lambda step: False):
+  """SPEC 4 head_init='ones': one pass fitting only the heads to all-on masks.
+
+  Returns None when ``should_stop(step)`` (SIGTERM) ends the pass early."""
   ones_model = model.clone(gate=config_lib.gate_config(config, criterion='mass',
                                                        threshold=-1.0))
   heads_only = optax.partition(
@@ -497,8 +594,11 @@ def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epo
   it = data.create_train_iterator(config.dataset, config.batch_size, seed=config.seed + 1,
                                   data_dir=data_dir)
   start = time.time()
-  for _ in range(steps_per_epoch):
+  for i in range(steps_per_epoch):
     init_state, metrics = step_fn(init_state, data.shard_batch(next(it), mesh))
+    jax.block_until_ready(metrics)  # one step in flight: a stop is seen within one step
+    if should_stop(i + 1):
+      return None
   logging.info('head_init=ones: %d steps in %.1fs, mask loss %.4f', steps_per_epoch,
                time.time() - start, float(metrics['mask_loss']))
   return state.replace(params=init_state.params)

@@ -67,15 +67,13 @@ def run_steps(out_dir: str) -> None:
 
 
 def save_both(out_dir: str, state, config) -> None:
-  """Both managers save one step at once, as the loop does, from every process."""
+  """The manager saves one step with its metrics, as the loop does, from every process."""
   from fttw_jax import checkpoint
-  latest, best = checkpoint.create_managers(os.path.join(out_dir, 'work_steps'))
+  manager = checkpoint.create_manager(os.path.join(out_dir, 'work_steps'))
   host_vars, host_opt = jax.device_get((state.variables, state.opt_state))
   meta = {'stage': config.stage}
-  checkpoint.save(latest, STEPS, host_vars, host_opt, config, meta)
-  checkpoint.save(best, STEPS, host_vars, host_opt, config, meta, metrics={'top1': 0.5})
-  latest.wait_until_finished()
-  best.wait_until_finished()
+  checkpoint.save(manager, STEPS, host_vars, host_opt, config, meta, metrics={'top1': 0.5})
+  manager.wait_until_finished()
 
 
 def run_loop(out_dir: str) -> None:

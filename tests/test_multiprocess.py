@@ -80,7 +80,7 @@ def test_multiprocess_train_steps_equal_single_process(tmp_path):
   assert sorted(got.files) == sorted(want)
   for key, value in want.items():
     np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
-  # Both managers saved the same step from both processes (distinct barriers).
+  # The manager saved the step from both processes; it is latest and best.
   for kind in ('latest', 'best'):
     variables, _, _, step = checkpoint.restore_variables(tmp_path / 'work_steps', kind)
     assert step == STEPS

@@ -239,9 +239,9 @@ def test_api_errors(runs, tmp_path):
   # A checkpoint whose stored config describes another width than its arrays.
   variables, config, meta, _ = checkpoint.restore_variables(runs['dense'])
   config.width = 0.5
-  latest, _ = checkpoint.create_managers(tmp_path / 'bad')
-  checkpoint.save(latest, 1, variables, {'unused': np.zeros(1)}, config, meta)
-  latest.wait_until_finished()
+  manager = checkpoint.create_manager(tmp_path / 'bad')
+  checkpoint.save(manager, 1, variables, {'unused': np.zeros(1)}, config, meta)
+  manager.wait_until_finished()
   with pytest.raises(ValueError, match='does not match the model built from the config'):
     api.load(tmp_path / 'bad')
 
