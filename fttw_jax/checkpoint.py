@@ -128,14 +128,19 @@ def describe_failure(step_dir, error: BaseException) -> str:
   return f'corrupt checkpoint {step_dir}{where} ({type(error).__name__}: {reason})'
 
 
-def _restore(mgr: ocp.CheckpointManager, step: int, args):
-  """``mgr.restore``, any read failure raised as one CorruptCheckpointError line."""
+def _read(mgr: ocp.CheckpointManager, step: int, read):
+  """``read(mgr)`` (a restore or a metadata read), any failure to read the files
+  raised as one CorruptCheckpointError line naming the step and the file."""
   step_dir = epath.Path(mgr.directory) / str(step)
   check_json(step_dir)
   try:
-    return mgr.restore(step, args=args)
+    return read(mgr)
   except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-    raise CorruptCheckpointError(describe_failure(step_dir, e)) from e
+    raise CorruptCheckpointError(describe_failure(step_dir, e)) from None
+
+
+def _restore(mgr: ocp.CheckpointManager, step: int, args):
+  return _read(mgr, step, lambda m: m.restore(step, args=args))
 
 
 def clean_tmp_dirs(workdir) -> list[epath.Path]:
@@ -271,8 +276,7 @@ def restore_variables(path, which: str | int = 'latest', target: Any = None):
   """
   root, step = resolve(path, which)
   with _reader(root) as mgr:
-    check_json(root / str(step))
-    stored = mgr.item_metadata(step)['variables']
+    stored = _read(mgr, step, lambda m: m.item_metadata(step)['variables'])
     if target is not None:
       check_compatible(target, stored, f'checkpoint {root / str(step)}')
       target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)

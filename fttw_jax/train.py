@@ -479,9 +479,7 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
 
   # ---- the first write: everything above has been checked.
   is_main = jax.process_index() == 0
-  workdir_lib.prepare(plan, config, is_main)
-  for step in corrupt:
-    checkpoint.set_aside(workdir, step)
+  workdir_lib.prepare(plan, config, is_main, corrupt)
   manager = checkpoint.create_manager(workdir, config.max_checkpoints)
   writer = MetricsWriter(workdir, enabled=is_main)
   _log_label_tree(state.params)
@@ -594,6 +592,7 @@ def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epo
   it = data.create_train_iterator(config.dataset, config.batch_size, seed=config.seed + 1,
                                   data_dir=data_dir)
   start = time.time()
+  logging.info('head_init=ones: fitting the heads to all-on masks for %d steps', steps_per_epoch)
   for i in range(steps_per_epoch):
     init_state, metrics = step_fn(init_state, data.shard_batch(next(it), mesh))
     jax.block_until_ready(metrics)  # one step in flight: a stop is seen within one step

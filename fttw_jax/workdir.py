@@ -143,8 +143,10 @@ def _new_run_id() -> str:
   return run_id
 
 
-def prepare(plan: Plan, config: ml_collections.ConfigDict, is_main: bool) -> None:
-  """The run's first writes: discard (--overwrite), clean unfinished saves, records."""
+def prepare(plan: Plan, config: ml_collections.ConfigDict, is_main: bool,
+            corrupt=()) -> None:
+  """The run's first writes: discard (--overwrite), clean unfinished saves, move the
+  ``corrupt`` steps resuming passed over out of the manager's way, records."""
   if jax.process_count() > 1:   # every process has checked before anyone writes
     multihost_utils.sync_global_devices('fttw_jax:workdir_checked')
   if is_main:
@@ -153,6 +155,8 @@ def prepare(plan: Plan, config: ml_collections.ConfigDict, is_main: bool) -> Non
       p.rmtree() if p.is_dir() else p.unlink()
     plan.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.clean_tmp_dirs(plan.workdir)
+    for step in corrupt:
+      checkpoint.set_aside(plan.workdir, step)
     if plan.new_run:
       (plan.workdir / RUN_FILE).write_text(json.dumps(plan.run, indent=2, sort_keys=True))
     (plan.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))

@@ -7,6 +7,7 @@ import pytest
 from etils import epath
 
 from fttw_jax import config as config_lib
+from fttw_jax.errors import UserError
 
 CONFIGS = sorted((epath.Path(__file__).parent.parent / 'configs').glob('*.py'))
 
@@ -63,6 +64,17 @@ def test_cifar_ftwt_recipe_matches_spec():
   assert c.init_from == 'workdirs/cifar10_resnet56_dense'
 
 
-def test_unknown_variant_is_an_error():
-  with pytest.raises(ValueError, match=r"variant.*'tiny'"):
-    load(epath.Path(__file__).parent.parent / 'configs' / 'cifar10_resnet56_dense.py', 'tiny')
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_unknown_variant_is_an_error_in_every_config(path):
+  with pytest.raises(UserError, match=r"variant.*'bogus'.*valid: \[.*'smoke'"):
+    load(path, 'bogus')
+  with pytest.raises(UserError, match=r"'basline'"):   # a typo is not the default variant
+    load(path, 'smoke,basline')
+
+
+def test_default_config_variants():
+  default = CONFIGS[[p.name for p in CONFIGS].index('default.py')]
+  assert load(default, 'baseline').stage == 'baseline'
+  assert load(default).stage == load(default, 'ftwt').stage == 'ftwt'
+  with pytest.raises(UserError, match="both 'baseline' and 'ftwt'"):
+    load(default, 'baseline,ftwt')

@@ -180,10 +180,10 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, data_dir)
       proc.send_signal(signal.SIGTERM)
       break
   out = ''.join(lines) + proc.stdout.read()
-  assert proc.wait(timeout=300) == 0, out[-3000:]
+  assert proc.wait(timeout=300) == 143, out[-3000:]   # preempted, not finished
   assert 'checkpoint written at step' in out, out[-3000:]
   _, stopped_at = final_params(workdir)
-  assert 4 <= stopped_at < 33  # within one step of the signal, before the end
+  assert stopped_at in (4, 5)  # within one step of the signal
 
   # Resume in-process to the end; compare with an uninterrupted run.
   from configs import default
