@@ -3,6 +3,12 @@
 Every file in ``configs/`` starts from ``base_config()`` and overrides fields, so
 one place lists every knob with its default. ``validate`` runs before any work
 and names the bad value.
+
+Fidelity: where the authors' code departs from SPEC (SPEC 9), each behaviour is
+a field of its own (``FIDELITY_FIELDS``), and ``fidelity`` picks a profile,
+``'spec'`` or ``'reference'`` (the authors' code; the paper rows use it). The
+fields default to None, meaning "as the profile says"; a field set explicitly
+wins over the profile. ``fidelity_option`` is the one place that resolves them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,21 @@ STAGES = ('baseline', 'ftwt')
 SCHEDULES = ('step', 'cosine', 'constant')
 HEAD_INITS = ('random', 'ones')
 ACCOUNTINGS = ('exact', 'paper')
+FIDELITIES = ('spec', 'reference')
+HEAD_INIT_PASSES = ('eval_bn_one_epoch', 'train_bn_501_batches')
+COOLDOWN_HEADS = ('freeze', 'momentum')
+
+# Each SPEC 9 departure: field -> (valid values, 'spec' profile value, 'reference' value).
+FIDELITY_FIELDS = {
+    'shortcut_pad': (models.gating.SHORTCUT_PADS, 'both', 'end'),                  # SPEC 9.1
+    'shortcut_grad': (models.gating.SHORTCUT_GRADS, 'flow', 'detached'),           # SPEC 9.1
+    'gate.depthwise_rule': (models.gating.DEPTHWISE_RULES, 'follow_input', 'head'),  # 9.2
+    'cooldown_heads': (COOLDOWN_HEADS, 'freeze', 'momentum'),                      # SPEC 9.3
+    'bn_running_var': (models.gating.BN_RUNNING_VARS, 'biased', 'unbiased'),       # SPEC 9.4
+    'gate.head_weight_init': (models.gating.HEAD_WEIGHT_INITS, 'lecun_normal',
+                              'torch_uniform'),                                    # SPEC 9.5
+    'head_init_pass': (HEAD_INIT_PASSES, 'eval_bn_one_epoch', 'train_bn_501_batches'),  # 9.5
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.gate.criterion = 'mass'     # 'mass' (threshold = r) | 'uniform' (threshold = prune ratio q)
   c.gate.threshold = 0.9
   c.gate.gt_after_block = False
+  c.gate.depthwise_rule = _unset()     # 'follow_input' (SPEC 2.2) | 'head' (reference)
+  c.gate.head_weight_init = _unset()   # 'lecun_normal' | 'torch_uniform' (reference)
+
+  # SPEC 9: 'spec' | 'reference' (the authors' code) sets every field marked
+  # "profile" that is left at None; an explicitly set field wins.
+  c.fidelity = 'spec'
+  c.shortcut_pad = _unset()            # profile: CIFAR ResNet zero channels 'both' | 'end'
+  c.shortcut_grad = _unset()           # profile: 'flow' | 'detached' downsampling shortcut
+  c.bn_running_var = _unset()          # profile: 'biased' (Flax) | 'unbiased' (PyTorch)
+  c.cooldown_heads = _unset()          # profile: after cooldown heads 'freeze' | 'momentum'
+  c.head_init_pass = _unset()          # profile: 'eval_bn_one_epoch' | 'train_bn_501_batches'
 
   c.cooldown = 0.5              # mask loss weight 1 before int(cooldown * epochs), then 0
   c.head_init = 'random'        # | 'ones': one pass fitting heads to all-on masks first
@@ -69,6 +101,45 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _unset():
+  """A str field left at None (= as the fidelity profile says), still overridable
+  from the command line (``--config.shortcut_pad=end``)."""
+  return ml_collections.config_dict.placeholder(str)
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    node = node.get(part) if node is not None else None
+  return node
+
+
+def fidelity_option(config, name: str) -> str:
+  """The value of a ``FIDELITY_FIELDS`` field: set explicitly, else the profile's.
+
+  A config stored before these fields existed (no ``fidelity``) is 'spec'.
+  """
+  valid, spec, reference = FIDELITY_FIELDS[name]
+  value = _lookup(config, name)
+  if value is None:
+    fidelity = config.get('fidelity') or 'spec'
+    _choice('fidelity', fidelity, FIDELITIES)
+    value = spec if fidelity == 'spec' else reference
+  _choice(name, value, valid)
+  return value
+
+
+def fidelity_options(config) -> dict:
+  """Every ``FIDELITY_FIELDS`` field, resolved (for logs and checks)."""
+  return {name: fidelity_option(config, name) for name in FIDELITY_FIELDS}
+
+
+def backbone_options(config) -> models.BackboneOptions:
+  return models.BackboneOptions(**{
+      k: fidelity_option(config, k) for k in ('shortcut_pad', 'shortcut_grad',
+                                              'bn_running_var')})
+
+
 def _choice(name, value, valid):
   if value not in valid:
     raise UserError(f'config.{name}={value!r} is invalid; valid values: {list(valid)}')
@@ -81,6 +152,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice('dtype', config.dtype, sorted(models.DTYPES))
   _choice('head_init', config.head_init, HEAD_INITS)
   _choice('flops_accounting', config.flops_accounting, ACCOUNTINGS)
+  _choice('fidelity', config.fidelity, FIDELITIES)
+  fidelity_options(config)
   for opt in ('optimizer', 'head_optimizer'):
     _choice(f'{opt}.schedule', config[opt].schedule, SCHEDULES)
     if not config[opt].learning_rate >= 0:
@@ -105,6 +178,8 @@ def gate_config(config, **overrides) -> models.GateConfig | None:
   if config.stage == 'baseline' and not overrides:
     return None
   fields = dict(config.gate.to_dict())
+  fields.update({name.split('.')[1]: fidelity_option(config, name)
+                 for name in FIDELITY_FIELDS if name.startswith('gate.')})
   fields.update(overrides)
   try:
     return models.GateConfig(**fields)
@@ -117,7 +192,8 @@ def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
   """The Flax module a config describes (gated iff stage == 'ftwt' or overrides given)."""
   return models.create_model(
       config.model, num_classes=num_classes, gate=gate_config(config, **gate_overrides),
-      width=config.width, dtype=config.dtype, bn_axis_name=bn_axis_name)
+      width=config.width, dtype=config.dtype, bn_axis_name=bn_axis_name,
+      options=backbone_options(config))
 
 
 # The fields that decide a checkpoint's parameter tree: one workdir, one experiment.

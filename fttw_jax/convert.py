@@ -1,18 +1,28 @@
-"""Import pretrained PyTorch weights as a baseline checkpoint (GitHub issue 7).
+"""Import pretrained PyTorch weights as a checkpoint workdir (GitHub issues 7, 14).
 
     python -m fttw_jax.convert --model resnet34 --src resnet34.pth \\
         --out workdirs/resnet34_torchvision [--dataset imagenet2012] [--num_classes N]
+    python -m fttw_jax.convert --model resnet56 --src model_best.pth.tar \\
+        --out workdirs/r56_authors [--layout ftwt] [--threshold 0.8]
 
-reads a PyTorch ``state_dict`` (``.pth``/``.pt`` via torch, ``.safetensors``,
-or ``.npz``), maps it onto the Flax baseline network and writes ``OUT`` as a
-workdir holding one checkpoint (step 0) in the project's layout, so that
-``--config.init_from=OUT``, evaluation and the research API accept it. Every
-key is checked before anything is written: a missing, unexpected or mis-shaped
-key is an error listing all of them.
+reads a PyTorch ``state_dict`` (``.pth``/``.pt``/``.tar`` via torch,
+``.safetensors``, or ``.npz``), maps it onto the Flax network and writes ``OUT``
+as a workdir holding one checkpoint (step 0) in the project's layout, so that
+``--config.init_from=OUT``, evaluation, the report and the research API accept
+it. Every key is checked before anything is written: a missing, unexpected or
+mis-shaped key is an error listing all of them.
 
-PyTorch key layouts (module prefixes; convs and linears carry ``.weight`` and
-``.bias`` if they have one, BatchNorms ``.weight .bias .running_mean
-.running_var`` and an ignored ``.num_batches_tracked``):
+Two key layouts per family: ``common`` (the usual reference code, below) and
+``ftwt`` (the FTWT authors' own code, github selkerdawy/FTWT, baseline *and*
+gated, heads included; SPEC 9.7). ``--layout auto`` (default) takes the one the
+file fits, as a baseline or, when it holds heads, as a gated (``ftwt`` stage)
+model. A workdir converted from the ``ftwt`` layout gets ``fidelity='reference'``
+(the authors' shortcut padding, depthwise rule, ... SPEC 9); from ``common``,
+``'spec'``.
+
+``common`` PyTorch key layouts (module prefixes; convs and linears carry
+``.weight`` and ``.bias`` if they have one, BatchNorms ``.weight .bias
+.running_mean .running_var`` and an ignored ``.num_batches_tracked``):
 
 - ``resnet18``/``resnet34``: torchvision's ResNet: ``conv1 bn1``,
   ``layer{1..4}.{j}.conv1/bn1/conv2/bn2``, ``layer{2..4}.0.downsample.0/1``, ``fc``.
@@ -36,9 +46,28 @@ PyTorch key layouts (module prefixes; convs and linears carry ``.weight`` and
   ``.conv3/bn3`` (projection), ``.shortcut.0/1`` (1x1 conv + BN, only on
   stride-1 blocks that change width), then ``conv2 bn2`` (1x1 to 1280), ``linear``.
 
+``ftwt`` layouts (the authors' models/cifar/*.py after ``fuse_masking``, whose
+heads are ``MaskPredictorNN`` modules: a 1x1 ``Conv2d`` named ``mask.model.1Conv2dMask``
+next to each gated conv's ``conv`` and ``bn``):
+
+- CIFAR ResNets: baseline ``conv1 bn1 layer{1..3}.{b}.conv1/bn1/conv2/bn2 fc``;
+  gated the same plus ``masked_conv.{conv,bn,mask...}`` (stem) and
+  ``layer{s}.{b}.masked_conv{1,2}.{conv,bn,mask...}``, where ``conv``/``bn``
+  are the plain keys' modules stored twice (both copies are checked to agree).
+- ``vgg16_bn``: baseline as ``common``; gated ``features.{p}.conv/bn/mask...``
+  with ``p`` the position in the cfg (a masked triple takes one index), then
+  ``classifier``.
+- ``mobilenet_v1`` / ``mobilenet_v1_imagenet``: baseline ``model.0.{0,1}``
+  (stem conv, BN), ``model.{i}.{0,1,3,4}`` (dw conv, BN, pw conv, BN) for
+  i = 1..13, ``fc``; gated ``model.{k}.conv/bn/mask...`` with k = 0 (stem),
+  2i+1 (block i's dw), 2i+2 (its pw), then ``fc``.
+- The authors' MobileNetV2 is another network (ReLU6, identity shortcuts only,
+  other strides) than ``mobilenet_v2`` here (SPEC 2.3): no ``ftwt`` layout.
+
 Tensors become Flax layouts: conv OIHW -> HWIO (a depthwise (C,1,k,k) becomes
 (k,k,1,C)), Linear (out,in) -> (in,out), BN weight/bias -> scale/bias and
-running_mean/var -> batch_stats mean/var. The expected keys are generated from
+running_mean/var -> batch_stats mean/var, a head's (out,in,1,1) -> Dense (in,out).
+The expected keys are generated from
 the Flax model's own parameter tree, so a model change cannot silently drift
 from this map.
 """
@@ -52,7 +81,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +95,8 @@ from fttw_jax.models.resnet import ResNet
 from fttw_jax.models.vgg import VGG, VGG16_CFG
 
 DATASETS = ('cifar10', 'cifar100', 'imagenet2012', 'digits')
-SUFFIXES = ('.pth', '.pt', '.safetensors', '.npz')
+SUFFIXES = ('.pth', '.pt', '.tar', '.safetensors', '.npz')  # .tar: torch.save's, e.g. the
+# authors' model_best.pth.tar
 WRAPPER_KEYS = ('state_dict', 'model', 'net')
 IGNORED_SUFFIXES = ('.num_batches_tracked',)
 # Flax leaf name -> torch parameter name (conv/dense kernel and BN scale are both 'weight').
@@ -80,19 +110,26 @@ class ConversionError(ValueError):
 
 # ---------------------------------------------------------------- key layouts
 
-def _vgg_feature_indices(cfg) -> list[int]:
-  """Index in ``features`` of each conv: a conv-BN-ReLU triple takes 3, a max pool 1."""
+LAYOUTS = ('common', 'ftwt')
+HEAD_MODULE = 'mask.model.1Conv2dMask'  # the authors' MaskPredictorNN's 1x1 conv
+
+
+def _vgg_feature_indices(cfg, masked: bool = False) -> list[int]:
+  """Index in ``features`` of each conv: a conv-BN-ReLU triple takes 3 (1 once the
+  authors' ``fuse_masking`` made it one ``ConvWithMask``), a max pool 1."""
   out, i = [], 0
   for v in cfg:
     if v == 'M':
       i += 1
     else:
       out.append(i)
-      i += 3
+      i += 1 if masked else 3
   return out
 
 
-Rule = tuple[str, Any]  # (regex on the Flax module path, replacement str or fn(match))
+# (regex on the Flax module path, replacement: str, fn(match), or a tuple of them
+# whose first is the key read and the others copies the file must hold too).
+Rule = tuple[str, Any]
 
 _RESNET_BLOCKS: tuple[Rule, ...] = (
     ('stem/conv', 'conv1'), ('stem/bn', 'bn1'),
@@ -101,12 +138,37 @@ _RESNET_BLOCKS: tuple[Rule, ...] = (
     (r'layer(\d+)_(\d+)/downsample_conv', r'layer\1.\2.downsample.0'),
     (r'layer(\d+)_(\d+)/downsample_bn', r'layer\1.\2.downsample.1'),
 )
+# The authors' gated ResNet keeps conv1/bn1 and also registers them in masked_conv*.
+_RESNET_FTWT_GATED: tuple[Rule, ...] = (
+    ('stem/conv', ('conv1', 'masked_conv.conv')), ('stem/bn', ('bn1', 'masked_conv.bn')),
+    ('stem/head', f'masked_conv.{HEAD_MODULE}'),
+    (r'layer(\d+)_(\d+)/conv(\d)/conv', (r'layer\1.\2.conv\3', r'layer\1.\2.masked_conv\3.conv')),
+    (r'layer(\d+)_(\d+)/conv(\d)/bn', (r'layer\1.\2.bn\3', r'layer\1.\2.masked_conv\3.bn')),
+    (r'layer(\d+)_(\d+)/conv(\d)/head', rf'layer\1.\2.masked_conv\3.{HEAD_MODULE}'),
+    ('classifier', 'fc'),
+)
 _MOBILENET_V1: tuple[Rule, ...] = (
     ('stem/conv', 'conv1'), ('stem/bn', 'bn1'),
     (r'block(\d+)_dw/conv', r'layers.\1.conv1'), (r'block(\d+)_dw/bn', r'layers.\1.bn1'),
     (r'block(\d+)_pw/conv', r'layers.\1.conv2'), (r'block(\d+)_pw/bn', r'layers.\1.bn2'),
     ('classifier', 'linear'),
 )
+_MOBILENET_V1_FTWT: tuple[Rule, ...] = (
+    ('stem/conv', 'model.0.0'), ('stem/bn', 'model.0.1'),
+    (r'block(\d+)_dw/conv', lambda m: f'model.{int(m[1]) + 1}.0'),
+    (r'block(\d+)_dw/bn', lambda m: f'model.{int(m[1]) + 1}.1'),
+    (r'block(\d+)_pw/conv', lambda m: f'model.{int(m[1]) + 1}.3'),
+    (r'block(\d+)_pw/bn', lambda m: f'model.{int(m[1]) + 1}.4'),
+    ('classifier', 'fc'),
+)
+
+
+def _mobilenet_v1_ftwt_gated(m):
+  """stem -> model.0, block i's dw -> model.{2i+1}, its pw -> model.{2i+2}."""
+  k = 0 if m['block'] is None else 2 * int(m['block']) + (1 if m['kind'] == 'dw' else 2)
+  return f'model.{k}.{HEAD_MODULE if m["leaf"] == "head" else m["leaf"]}'
+
+
 _MOBILENET_V2: tuple[Rule, ...] = (
     ('stem/conv', 'conv1'), ('stem/bn', 'bn1'),
     (r'block(\d+)/expand/conv', r'layers.\1.conv1'), (r'block(\d+)/expand/bn', r'layers.\1.bn1'),
@@ -120,25 +182,48 @@ _MOBILENET_V2: tuple[Rule, ...] = (
 )
 
 
-def _vgg_rules(cfg) -> tuple[Rule, ...]:
-  index = _vgg_feature_indices(cfg)
+def _vgg_rules(cfg, masked: bool = False) -> tuple[Rule, ...]:
+  index = _vgg_feature_indices(cfg, masked)
+  if masked:
+    sub = {'conv': 'conv', 'bn': 'bn', 'head': HEAD_MODULE}
+    return ((r'conv(\d+)/(conv|bn|head)', lambda m: f'features.{index[int(m[1])]}.{sub[m[2]]}'),
+            ('classifier', 'classifier'))
   return ((r'conv(\d+)/conv', lambda m: f'features.{index[int(m[1])]}'),
           (r'conv(\d+)/bn', lambda m: f'features.{index[int(m[1])] + 1}'),
           ('classifier', 'classifier'))
 
 
-def layout(model_name: str) -> tuple[Rule, ...]:
+def layout(model_name: str, key_layout: str = 'common',
+           gated: bool = False) -> tuple[Rule, ...]:
   """The rename rules of a registered model, found from its module class and options.
 
   Derived from the registry rather than listed by name, so every depth of a
   family (e.g. any CIFAR ResNet-(6n+2)) converts without touching this file.
+  ``gated``: the keys of a model with heads (only the ``ftwt`` layout has them).
   """
   if model_name not in models.MODELS:
     raise ConversionError(
         f'unknown model {model_name!r}; valid models: {sorted(models.MODELS)}')
+  if key_layout not in LAYOUTS:
+    raise ConversionError(f'unknown layout {key_layout!r}; valid: {list(LAYOUTS)}')
+  if gated and key_layout != 'ftwt':
+    raise ConversionError(f'the {key_layout!r} layout has no heads; a gated state dict '
+                          "(with heads) needs layout 'ftwt'")
   ctor = models.MODELS[model_name]
   cls = getattr(ctor, 'func', ctor)
   options = getattr(ctor, 'keywords', {})
+  if key_layout == 'ftwt':
+    if cls is ResNet and not options.get('imagenet'):
+      return _RESNET_FTWT_GATED if gated else _RESNET_BLOCKS + (('classifier', 'fc'),)
+    if cls is VGG:
+      return _vgg_rules(options.get('cfg', VGG16_CFG), masked=gated)
+    if cls is MobileNetV1:
+      return ((r'(?:stem|block(?P<block>\d+)_(?P<kind>dw|pw))/(?P<leaf>conv|bn|head)',
+               _mobilenet_v1_ftwt_gated), ('classifier', 'fc')) if gated else _MOBILENET_V1_FTWT
+    raise ConversionError(
+        f"no 'ftwt' key layout for {model_name!r}: the FTWT authors' code has CIFAR "
+        'ResNets, VGG and MobileNetV1 of this project; its MobileNetV2 is another network '
+        '(ReLU6, identity shortcuts only, other strides) than mobilenet_v2 here')
   if cls is ResNet:
     return _RESNET_BLOCKS + (('classifier', 'fc' if options.get('imagenet') else 'linear'),)
   if cls is VGG:
@@ -150,27 +235,39 @@ def layout(model_name: str) -> tuple[Rule, ...]:
   raise ConversionError(f'no PyTorch key layout is defined for {model_name!r}')
 
 
-def torch_module_name(model_name: str, flax_module: str) -> str:
-  """PyTorch module prefix of a Flax module path such as ``layer1_0/conv1/conv``."""
-  for pattern, repl in layout(model_name):
+def torch_module_names(model_name: str, flax_module: str, key_layout: str = 'common',
+                       gated: bool = False) -> tuple[str, ...]:
+  """PyTorch module prefixes of a Flax module path such as ``layer1_0/conv1/conv``: the
+  one read first, then the copies the file holds of the same module."""
+  for pattern, repl in layout(model_name, key_layout, gated):
     m = re.fullmatch(pattern, flax_module)
     if m:
-      return repl(m) if callable(repl) else m.expand(repl)
+      repls = repl if isinstance(repl, tuple) else (repl,)
+      return tuple(r(m) if callable(r) else m.expand(r) for r in repls)
   raise KeyError(f'no PyTorch name for Flax module {flax_module!r} of {model_name}')
 
 
-def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape PyTorch stores a tensor in: HWIO -> OIHW, (in, out) -> (out, in)."""
+def torch_module_name(model_name: str, flax_module: str, key_layout: str = 'common',
+                      gated: bool = False) -> str:
+  """The PyTorch module prefix read for a Flax module path."""
+  return torch_module_names(model_name, flax_module, key_layout, gated)[0]
+
+
+def torch_shape(flax_shape: tuple[int, ...], head: bool = False) -> tuple[int, ...]:
+  """Shape PyTorch stores a tensor in: HWIO -> OIHW, (in, out) -> (out, in); a head's
+  Dense kernel (in, out) was the authors' 1x1 conv, (out, in, 1, 1)."""
   if len(flax_shape) == 4:
     kh, kw, cin, cout = flax_shape
     return (cout, cin, kh, kw)
   if len(flax_shape) == 2:
-    return tuple(reversed(flax_shape))
+    return tuple(reversed(flax_shape)) + ((1, 1) if head else ())
   return tuple(flax_shape)
 
 
-def to_flax(array: np.ndarray) -> np.ndarray:
+def to_flax(array: np.ndarray, head: bool = False) -> np.ndarray:
   """Inverse of ``torch_shape`` on the data (depthwise (C,1,k,k) -> (k,k,1,C) too)."""
+  if head and array.ndim == 4:
+    array = array[:, :, 0, 0]
   if array.ndim == 4:
     return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
   if array.ndim == 2:
@@ -189,23 +286,37 @@ def input_size(model_name: str) -> int:
 
 
 @functools.cache
-def variable_shapes(model_name: str, num_classes: int, width: float = 1.0):
-  """The baseline model's ``{'params', 'batch_stats'}`` as ShapeDtypeStructs (no compute)."""
+def variable_shapes(model_name: str, num_classes: int, width: float = 1.0,
+                    gated: bool = False):
+  """The model's ``{'params', 'batch_stats'}`` as ShapeDtypeStructs (no compute);
+  ``gated``: with the heads."""
   check_model(model_name)
-  model = models.create_model(model_name, num_classes=num_classes, width=width)
+  model = models.create_model(model_name, num_classes=num_classes, width=width,
+                              gate=models.GateConfig() if gated else None)
   size = input_size(model_name)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), x)
 
 
-def expected_keys(model_name: str, num_classes: int,
-                  width: float = 1.0) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-  """``{torch key: (Flax path incl. collection, Flax shape)}`` for the baseline model."""
+class Expected(NamedTuple):
+  names: tuple[str, ...]     # Flax path: (collection, *modules, leaf)
+  shape: tuple[int, ...]     # Flax shape
+  head: bool                 # a head's kernel or bias
+  copy_of: str | None        # for a duplicate module's key: the key read instead
+
+
+def expected_keys(model_name: str, num_classes: int, width: float = 1.0,
+                  key_layout: str = 'common', gated: bool = False) -> dict[str, Expected]:
+  """``{torch key: Expected}`` for the model (with heads if ``gated``)."""
   out = {}
-  for path, leaf in jax.tree.leaves_with_path(variable_shapes(model_name, num_classes, width)):
-    names = tuple(p.key for p in path)  # (collection, *modules, leaf)
-    key = f'{torch_module_name(model_name, "/".join(names[1:-1]))}.{LEAF_NAMES[names[-1]]}'
-    out[key] = (names, tuple(leaf.shape))
+  shapes = variable_shapes(model_name, num_classes, width, gated)
+  for path, leaf in jax.tree.leaves_with_path(shapes):
+    names = tuple(p.key for p in path)
+    head = models.gating.HEAD_NAME in names
+    prefixes = torch_module_names(model_name, '/'.join(names[1:-1]), key_layout, gated)
+    keys = [f'{p}.{LEAF_NAMES[names[-1]]}' for p in prefixes]
+    out[keys[0]] = Expected(names, tuple(leaf.shape), head, None)
+    out.update({k: Expected(names, tuple(leaf.shape), head, keys[0]) for k in keys[1:]})
   return out
 
 
@@ -215,52 +326,98 @@ def _fmt(shape) -> str:
   return str(tuple(shape))
 
 
-def mismatch_report(model_name: str, state_dict: dict[str, np.ndarray], num_classes: int,
-                    width: float = 1.0) -> str | None:
-  """None when ``state_dict`` fits the model, else a message listing every bad key."""
-  expected = expected_keys(model_name, num_classes, width)
+def _problems(expected: dict[str, Expected], state_dict) -> dict[str, list]:
   got = {k: tuple(np.shape(v)) for k, v in state_dict.items()
          if not k.endswith(IGNORED_SUFFIXES)}
-  want = {k: torch_shape(s) for k, (_, s) in expected.items()}
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-  if not (missing or unexpected or wrong):
+  want = {k: torch_shape(e.shape, e.head) for k, e in expected.items()}
+  both = set(want) & set(got)
+  wrong = sorted(k for k in both if want[k] != got[k])
+  differ = sorted(k for k in both - set(wrong)
+                  if expected[k].copy_of in got and not np.array_equal(
+                      state_dict[k], state_dict[expected[k].copy_of]))
+  return {'missing': sorted((k, want[k]) for k in set(want) - set(got)),
+          'unexpected': sorted((k, got[k]) for k in set(got) - set(want)),
+          'wrong': [(k, got[k], want[k]) for k in wrong],
+          'differ': [(k, expected[k].copy_of) for k in differ]}
+
+
+def mismatch_report(model_name: str, state_dict: dict[str, np.ndarray], num_classes: int,
+                    width: float = 1.0, key_layout: str = 'common',
+                    gated: bool = False) -> str | None:
+  """None when ``state_dict`` fits the model, else a message listing every bad key."""
+  p = _problems(expected_keys(model_name, num_classes, width, key_layout, gated), state_dict)
+  if not any(p.values()):
     return None
   lines = [f'the state dict does not fit {model_name} '
-           f'(num_classes={num_classes}, width={width}):']
-  if missing:
-    lines.append(f'  missing ({len(missing)}):')
-    lines += [f'    {k}  expected {_fmt(want[k])}' for k in missing]
-  if unexpected:
-    lines.append(f'  unexpected ({len(unexpected)}):')
-    lines += [f'    {k}  {_fmt(got[k])}' for k in unexpected]
-  if wrong:
-    lines.append(f'  wrong shape ({len(wrong)}):')
-    lines += [f'    {k}  got {_fmt(got[k])}, expected {_fmt(want[k])}' for k in wrong]
-  classifier = torch_module_name(model_name, 'classifier') + '.weight'
-  if classifier in wrong and len(got[classifier]) == 2:
-    lines.append(f'  hint: the file has {got[classifier][0]} classes; pass the matching '
-                 f'--dataset (or num_classes={got[classifier][0]})')
+           f'(num_classes={num_classes}, width={width}, layout {key_layout!r}, '
+           f'{"gated" if gated else "baseline"}):']
+  if p['missing']:
+    lines.append(f'  missing ({len(p["missing"])}):')
+    lines += [f'    {k}  expected {_fmt(s)}' for k, s in p['missing']]
+  if p['unexpected']:
+    lines.append(f'  unexpected ({len(p["unexpected"])}):')
+    lines += [f'    {k}  {_fmt(s)}' for k, s in p['unexpected']]
+  if p['wrong']:
+    lines.append(f'  wrong shape ({len(p["wrong"])}):')
+    lines += [f'    {k}  got {_fmt(g)}, expected {_fmt(w)}' for k, g, w in p['wrong']]
+  if p['differ']:
+    lines.append(f'  copies of one module that differ ({len(p["differ"])}):')
+    lines += [f'    {k}  differs from {c}' for k, c in p['differ']]
+  classifier = torch_module_name(model_name, 'classifier', key_layout, gated) + '.weight'
+  for k, g, _ in p['wrong']:
+    if k == classifier and len(g) == 2:
+      lines.append(f'  hint: the file has {g[0]} classes; pass the matching '
+                   f'--dataset (or num_classes={g[0]})')
   return '\n'.join(lines)
 
 
-def convert_state_dict(model_name: str, state_dict: dict[str, np.ndarray], num_classes: int,
-                       width: float = 1.0) -> dict[str, Any]:
-  """Flax baseline ``{'params', 'batch_stats'}`` (float32 numpy) from a torch state dict.
+def candidate_layouts(model_name: str) -> list[tuple[str, bool]]:
+  """The (layout, gated) pairs ``model_name`` has, baseline 'common' first."""
+  out = []
+  for key_layout, gated in (('common', False), ('ftwt', False), ('ftwt', True)):
+    try:
+      layout(model_name, key_layout, gated)
+    except ConversionError:
+      continue
+    out.append((key_layout, gated))
+  return out
 
-  Raises ConversionError listing every missing, unexpected and mis-shaped key.
+
+def detect_layout(model_name: str, state_dict, num_classes: int,
+                  width: float = 1.0) -> tuple[str, bool]:
+  """(layout, gated) whose keys ``state_dict`` fits; where none fits, the closest one
+  (fewest bad keys), so that its mismatch report is the one shown."""
+  scored = []
+  for key_layout, gated in candidate_layouts(model_name):
+    p = _problems(expected_keys(model_name, num_classes, width, key_layout, gated), state_dict)
+    scored.append((sum(len(v) for v in p.values()), key_layout, gated))
+  _, key_layout, gated = min(scored, key=lambda t: t[0])
+  return key_layout, gated
+
+
+def convert_state_dict(model_name: str, state_dict: dict[str, np.ndarray], num_classes: int,
+                       width: float = 1.0, key_layout: str = 'auto',
+                       gated: bool | None = None) -> dict[str, Any]:
+  """Flax ``{'params', 'batch_stats'}`` (float32 numpy) from a torch state dict.
+
+  ``key_layout`` 'auto' and ``gated`` None: as ``detect_layout`` finds. Raises
+  ConversionError listing every missing, unexpected and mis-shaped key.
   """
   check_model(model_name)
-  report = mismatch_report(model_name, state_dict, num_classes, width)
+  if key_layout == 'auto':
+    key_layout, found = detect_layout(model_name, state_dict, num_classes, width)
+    gated = found if gated is None else gated
+  report = mismatch_report(model_name, state_dict, num_classes, width, key_layout, bool(gated))
   if report:
     raise ConversionError(report)
   variables: dict[str, Any] = {}
-  for key, (names, _) in expected_keys(model_name, num_classes, width).items():
+  for key, e in expected_keys(model_name, num_classes, width, key_layout, bool(gated)).items():
+    if e.copy_of is not None:
+      continue
     node = variables
-    for n in names[:-1]:
+    for n in e.names[:-1]:
       node = node.setdefault(n, {})
-    node[names[-1]] = to_flax(np.asarray(state_dict[key], dtype=np.float32))
+    node[e.names[-1]] = to_flax(np.asarray(state_dict[key], dtype=np.float32), e.head)
   return variables
 
 
@@ -326,7 +483,7 @@ def _read_npz(path) -> dict[str, np.ndarray]:
 
 
 _READERS: dict[str, Callable[[Any], dict[str, np.ndarray]]] = {
-    '.pth': _read_torch, '.pt': _read_torch,
+    '.pth': _read_torch, '.pt': _read_torch, '.tar': _read_torch,
     '.safetensors': _read_safetensors, '.npz': _read_npz}
 
 
@@ -359,9 +516,22 @@ def has_checkpoint(out) -> bool:
              for d in checkpoint.CHECKPOINT_DIRS)
 
 
-def make_config(model_name: str, dataset: str, width: float):
+def make_config(model_name: str, dataset: str, width: float, key_layout: str = 'common',
+                gated: bool = False, threshold: float | None = None):
+  """The stored config: a baseline or (``gated``) ftwt stage; the authors' ``ftwt``
+  layout gets their behaviour, ``fidelity='reference'``. ``threshold`` (r) only
+  decides the targets, hence mask loss and accuracy; the predicted masks, logits
+  and FLOPs do not depend on it."""
   c = config_lib.base_config()
-  c.model, c.dataset, c.width, c.stage = model_name, dataset, width, 'baseline'
+  c.model, c.dataset, c.width = model_name, dataset, width
+  c.stage = 'ftwt' if gated else 'baseline'
+  c.fidelity = 'reference' if key_layout == 'ftwt' else 'spec'
+  if threshold is not None:
+    c.gate.threshold = threshold
+  try:
+    config_lib.validate(c)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   return c
 
 
@@ -404,8 +574,15 @@ def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -
 
 def convert(model_name: str, src, out, dataset: str | None = None,
             num_classes: int | None = None, width: float = 1.0,
-            overwrite: bool = False) -> dict[str, Any]:
-  """Read ``src``, check it fully, then write the workdir ``out``; returns the variables."""
+            overwrite: bool = False, key_layout: str = 'auto',
+            threshold: float | None = None) -> dict[str, Any]:
+  """Read ``src``, check it fully, then write the workdir ``out``; returns the variables.
+
+  ``key_layout``: 'auto' (the one ``src`` fits, baseline or gated), 'common' or
+  'ftwt' (baseline or gated, as the file's keys say).
+  """
+  if key_layout not in ('auto', *LAYOUTS):
+    raise ConversionError(f'unknown layout {key_layout!r}; valid: {["auto", *LAYOUTS]}')
   check_model(model_name)
   dataset = dataset or default_dataset(model_name)
   if dataset not in DATASETS:
@@ -416,10 +593,17 @@ def convert(model_name: str, src, out, dataset: str | None = None,
                           f'({classes} classes)')
   if has_checkpoint(out) and not overwrite:
     raise ConversionError(f'{out} already holds a checkpoint; pass --overwrite to replace it')
-  variables = convert_state_dict(model_name, load_state_dict(src), classes, width)
+  state_dict = load_state_dict(src)
+  found, gated = detect_layout(model_name, state_dict, classes, width)
+  if key_layout == 'auto':
+    key_layout = found
+  elif key_layout == 'common':
+    gated = False
+  cfg = make_config(model_name, dataset, width, key_layout, gated, threshold)
+  variables = convert_state_dict(model_name, state_dict, classes, width, key_layout, gated)
   meta = {'step': 0, 'epoch': 0, 'model': model_name, 'num_classes': classes,
-          'dataset': dataset, 'stage': 'baseline', 'source': str(src)}
-  write_checkpoint(out, variables, make_config(model_name, dataset, width), meta, overwrite)
+          'dataset': dataset, 'stage': cfg.stage, 'source': str(src), 'layout': key_layout}
+  write_checkpoint(out, variables, cfg, meta, overwrite)
   return variables
 
 
@@ -437,6 +621,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--width', type=float, default=1.0, help='channel width multiplier')
   p.add_argument('--overwrite', action='store_true',
                  help="replace OUT's existing checkpoints")
+  p.add_argument('--layout', choices=('auto', *LAYOUTS), default='auto',
+                 help="key layout: 'common' (torchvision/akamaster/kuangliu), 'ftwt' (the "
+                      "FTWT authors' code, baseline or gated) or 'auto' (the one the file fits)")
+  p.add_argument('--threshold', type=float, default=None,
+                 help='gated models: the r they were trained with (decides the targets, '
+                      'hence mask loss/accuracy; not the predicted masks)')
   return p.parse_args(argv)
 
 
@@ -444,7 +634,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     convert(args.model, args.src, args.out, args.dataset, args.num_classes, args.width,
-            args.overwrite)
+            args.overwrite, args.layout, args.threshold)
   except ConversionError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

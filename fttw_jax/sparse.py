@@ -469,7 +469,7 @@ def _resnet(run: _Runner, model: ResNet, x):
         if model.imagenet:
           residual = run.plain_conv(f'{name}/downsample', x, stride)
         else:
-          residual = pad_shortcut(x, features, stride)
+          residual = pad_shortcut(x, features, stride, model.options.shortcut_pad)
       y = run.conv(f'{name}/conv1', Act(x), stride)
       x = run.conv(f'{name}/conv2', y, act_fn='none', residual=residual, post='relu',
                    after_block=after_block).x
@@ -568,6 +568,11 @@ def check_supported(model) -> Callable:
   if model.gate.mask_source != 'predicted':
     raise ValueError(f"sparse execution runs the heads' predicted masks; got "
                      f'gate.mask_source={model.gate.mask_source!r} (valid: \'predicted\')')
+  # The depthwise kernels implement SPEC 2.2's rule.
+  if model.gate.depthwise_rule != 'follow_input' and isinstance(model, (MobileNetV1,
+                                                                        MobileNetV2)):
+    raise ValueError(f'sparse execution implements gate.depthwise_rule=\'follow_input\'; '
+                     f'got {model.gate.depthwise_rule!r} (fidelity=\'reference\')')
   return walker
 
 

@@ -68,12 +68,13 @@ def _avg_pool(x, window):
                            'VALID') / (window * window)
 
 
-def _pad_shortcut(x, features, stride):
+def _pad_shortcut(x, features, stride, side='both'):
   """CHW version of ``models.resnet.pad_shortcut``."""
   if stride != 1:
     x = _avg_pool(x, stride)
   extra = features - x.shape[0]
-  return jnp.pad(x, ((extra // 2, extra - extra // 2), (0, 0), (0, 0)))
+  before = extra // 2 if side == 'both' else 0
+  return jnp.pad(x, ((before, extra - before), (0, 0), (0, 0)))
 
 
 def _classify(run, x):
@@ -96,7 +97,7 @@ def _resnet(run: _Runner, model: ResNet, x):
         if model.imagenet:
           residual = run.conv(f'{name}/downsample', x, stride, relu=False)
         else:
-          residual = _pad_shortcut(x, features, stride)
+          residual = _pad_shortcut(x, features, stride, model.options.shortcut_pad)
       y = run.conv(f'{name}/conv1', x, stride)
       x = run.conv(f'{name}/conv2', y, relu=False, residual=residual,
                    after_block=after_block)

@@ -135,9 +135,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
                head_init: bool = False):
   """One SGD step on one device's slice (wrapped in shard_map by ``make_train_step``).
 
-  Loss = CE + w(epoch) * mask loss; after the cooldown w = 0 and the heads'
-  updates are zeroed (frozen, as in the reference where they get no gradient).
-  ``head_init``: fit only the heads to all-on targets (BN in eval mode, no CE).
+  Loss = CE + w(epoch) * mask loss; after the cooldown w = 0 and the heads get a
+  zero gradient: ``cooldown_heads='freeze'`` zeroes their updates,
+  ``'momentum'`` lets their SGD keep stepping on it (momentum coasts, as in the
+  reference, SPEC 9.3).
+  ``head_init``: fit only the heads to all-on targets (no CE); BN in eval mode,
+  or in train mode (batch statistics updated) for ``head_init_pass=
+  'train_bn_501_batches'`` (SPEC 9.5).
   """
   images = data.normalize(batch['image'], config.dataset)
   labels = batch['label']
@@ -145,10 +149,12 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   w = ftwt.mask_loss_weight(epoch, config.num_epochs, config.cooldown)
   if head_init:
     w = jnp.ones(())
+  bn_frozen = head_init and (config_lib.fidelity_option(config, 'head_init_pass')
+                             == 'eval_bn_one_epoch')
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    if head_init:
+    if bn_frozen:
       (logits, aux), new_model_state = model.apply(variables, images, train=False), {}
     else:
       (logits, aux), new_model_state = model.apply(variables, images, train=True,
@@ -164,9 +170,10 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   (loss, (logits, gates, new_model_state)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  head_scale = jnp.where(w > 0, 1.0, 0.0)
-  updates = jax.tree.map_with_path(
-      lambda p, u: u * head_scale if models.is_head_path(p) else u, updates)
+  if config_lib.fidelity_option(config, 'cooldown_heads') == 'freeze':
+    head_scale = jnp.where(w > 0, 1.0, 0.0)
+    updates = jax.tree.map_with_path(
+        lambda p, u: u * head_scale if models.is_head_path(p) else u, updates)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
       step=state.step + (0 if head_init else 1), params=params, opt_state=opt_state,
@@ -576,11 +583,23 @@ def _flush(writer, pending):
   writer.write(pending[-1][0], means, 'train/')
 
 
+HEAD_INIT_MAX_BATCHES = 501  # the reference stops its pass after batch index 500
+
+
 def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch,
                        should_stop=lambda step: False):
   """SPEC 4 head_init='ones': one pass fitting only the heads to all-on masks.
 
-  Returns None when ``should_stop(step)`` (SIGTERM) ends the pass early."""
+  ``head_init_pass='eval_bn_one_epoch'``: one epoch, BN in eval mode, the pass's
+  optimizer state dropped. ``'train_bn_501_batches'`` (the reference, SPEC 9.5):
+  at most 501 batches with BN in train mode (the backbone's running statistics
+  move), and the heads' optimizer state (momentum) carries on into training, as
+  the reference's single heads optimizer does.
+
+  Returns None when ``should_stop(step)`` (SIGTERM) ends the pass early.
+  """
+  reference = config_lib.fidelity_option(config, 'head_init_pass') == 'train_bn_501_batches'
+  steps = min(steps_per_epoch, HEAD_INIT_MAX_BATCHES) if reference else steps_per_epoch
   ones_model = model.clone(gate=config_lib.gate_config(config, criterion='mass',
                                                        threshold=-1.0))
   heads_only = optax.partition(
@@ -592,12 +611,16 @@ def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epo
   it = data.create_train_iterator(config.dataset, config.batch_size, seed=config.seed + 1,
                                   data_dir=data_dir)
   start = time.time()
-  logging.info('head_init=ones: fitting the heads to all-on masks for %d steps', steps_per_epoch)
-  for i in range(steps_per_epoch):
+  logging.info('head_init=ones: fitting the heads to all-on masks for %d steps', steps)
+  for i in range(steps):
     init_state, metrics = step_fn(init_state, data.shard_batch(next(it), mesh))
     jax.block_until_ready(metrics)  # one step in flight: a stop is seen within one step
     if should_stop(i + 1):
       return None
-  logging.info('head_init=ones: %d steps in %.1fs, mask loss %.4f', steps_per_epoch,
+  logging.info('head_init=ones: %d steps in %.1fs, mask loss %.4f', steps,
                time.time() - start, float(metrics['mask_loss']))
-  return state.replace(params=init_state.params)
+  if not reference:
+    return state.replace(params=init_state.params)
+  inner = dict(state.opt_state.inner_states, heads=init_state.opt_state.inner_states['heads'])
+  return state.replace(params=init_state.params, batch_stats=init_state.batch_stats,
+                       opt_state=state.opt_state._replace(inner_states=inner))

@@ -267,7 +267,9 @@ def test_cli_resnet34_pth_to_restorable_workdir(tmp_path):
   assert (cfg.model, cfg.dataset, cfg.stage, cfg.width) == ('resnet34', 'imagenet2012',
                                                             'baseline', 1.0)
   assert meta == {'step': 0, 'epoch': 0, 'model': 'resnet34', 'num_classes': 1000,
-                  'dataset': 'imagenet2012', 'stage': 'baseline', 'source': str(src)}
+                  'dataset': 'imagenet2012', 'stage': 'baseline', 'source': str(src),
+                  'layout': 'common'}
+  assert cfg.fidelity == 'spec'
   assert checkpoint.read_config(out)[2] == 0
   assert_same_logits('resnet34', net, variables, x, 1000)
 
@@ -279,8 +281,8 @@ def resnet20_sd():
   """A resnet20 state dict as numpy (from torch when present, else from the key map)."""
   if importlib.util.find_spec('torch') is None:
     rng = np.random.default_rng(0)
-    return {k: rng.standard_normal(convert.torch_shape(s)).astype(np.float32)
-            for k, (_, s) in convert.expected_keys('resnet20', 10).items()}
+    return {k: rng.standard_normal(convert.torch_shape(e.shape)).astype(np.float32)
+            for k, e in convert.expected_keys('resnet20', 10).items()}
   return numpy_state_dict(randomized('resnet20', 10))
 
 
@@ -326,8 +328,8 @@ def test_layout_names():
           'layer4.1.bn2.weight'} <= set(keys['resnet18'])
   assert keys['resnet18']['fc.weight'][0] == ('params', 'classifier', 'kernel')
   assert {'linear.weight', 'layer3.2.conv2.weight'} <= set(keys['resnet20'])
-  convs = sorted(int(k.split('.')[1]) for k, (_, s) in keys['vgg16_bn'].items()
-                 if len(s) == 4)
+  convs = sorted(int(k.split('.')[1]) for k, e in keys['vgg16_bn'].items()
+                 if len(e.shape) == 4)
   assert convs == [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
   assert {'features.1.running_mean', 'features.41.weight', 'classifier.weight'} <= set(
       keys['vgg16_bn'])

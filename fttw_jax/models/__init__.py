@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from fttw_jax.models.gating import HEAD_NAME, GateConfig, GatedConv
+from fttw_jax.models.gating import HEAD_NAME, BackboneOptions, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from fttw_jax.models.resnet import ResNet
 from fttw_jax.models.vgg import VGG
@@ -38,8 +38,13 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
                  width: float = 1.0, dtype: str = 'float32',
-                 bn_axis_name: str | None = None) -> Any:
-  """Build a registered backbone; ``gate=None`` gives the plain baseline network."""
+                 bn_axis_name: str | None = None,
+                 options: BackboneOptions | None = None) -> Any:
+  """Build a registered backbone; ``gate=None`` gives the plain baseline network.
+
+  ``options``: shortcut and BatchNorm behaviours (default: SPEC's, see
+  ``BackboneOptions``); they change no parameter shape.
+  """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
   if dtype not in DTYPES:
@@ -49,7 +54,8 @@ def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
   if not width > 0:
     raise ValueError(f'width multiplier must be > 0, got {width!r}')
   return MODELS[name](num_classes=num_classes, gate=gate, width=width,
-                      dtype=DTYPES[dtype], bn_axis_name=bn_axis_name)
+                      dtype=DTYPES[dtype], bn_axis_name=bn_axis_name,
+                      options=options or BackboneOptions())
 
 
 def is_head_path(path) -> bool:
@@ -57,5 +63,5 @@ def is_head_path(path) -> bool:
   return HEAD_NAME in tuple(getattr(k, 'key', k) for k in path)
 
 
-__all__ = ['MODELS', 'IMAGENET_MODELS', 'GateConfig', 'GatedConv', 'create_model',
+__all__ = ['MODELS', 'IMAGENET_MODELS', 'BackboneOptions', 'GateConfig', 'GatedConv', 'create_model',
            'is_head_path']

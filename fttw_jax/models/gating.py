@@ -22,6 +22,11 @@ HEAD_NAME = 'head'
 POOLS = ('avg', 'max')
 MODES = ('decoupled', 'joint')
 MASK_SOURCES = ('predicted', 'target', 'ones')
+DEPTHWISE_RULES = ('follow_input', 'head')
+HEAD_WEIGHT_INITS = ('lecun_normal', 'torch_uniform')
+SHORTCUT_PADS = ('both', 'end')
+SHORTCUT_GRADS = ('flow', 'detached')
+BN_RUNNING_VARS = ('biased', 'unbiased')
 ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
 
 
@@ -42,6 +47,12 @@ class GateConfig:
       = prune ratio q).
     threshold: r for 'mass', q for 'uniform'.
     gt_after_block: ResNet: take the second conv's target after add + ReLU.
+    depthwise_rule: 'follow_input' (SPEC 2.2: a depthwise channel whose input
+      channel is zero stays off) or 'head' (the reference: the head alone
+      decides, so such a channel outputs act(BN shift); SPEC 9.2).
+    head_weight_init: 'lecun_normal' kernel and zero bias (Flax's Dense) or
+      'torch_uniform' (PyTorch's default for the reference's head layer: kernel
+      and bias uniform in +-1/sqrt(fan_in); SPEC 9.5).
     mask_source: which mask multiplies the output: the heads' 'predicted' mask
       (training and evaluation), the 'target' (FLOPs estimation before
       training) or 'ones' (no masking at all, not even SPEC 2.2's depthwise
@@ -53,10 +64,14 @@ class GateConfig:
   criterion: str = 'mass'
   threshold: float = 0.9
   gt_after_block: bool = False
+  depthwise_rule: str = 'follow_input'
+  head_weight_init: str = 'lecun_normal'
   mask_source: str = 'predicted'
 
   def __post_init__(self):
     _check_choice('gate.pool', self.pool, POOLS)
+    _check_choice('gate.depthwise_rule', self.depthwise_rule, DEPTHWISE_RULES)
+    _check_choice('gate.head_weight_init', self.head_weight_init, HEAD_WEIGHT_INITS)
     _check_choice('gate.mode', self.mode, MODES)
     _check_choice('gate.criterion', self.criterion, ftwt.CRITERIA)
     _check_choice('gate.mask_source', self.mask_source, MASK_SOURCES)
@@ -66,17 +81,92 @@ class GateConfig:
       ftwt.check_prune_ratio(self.threshold)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneOptions:
+  """Backbone behaviours where the reference code departs from SPEC 2.3 (SPEC 9.1, 9.4).
+
+  Attributes:
+    shortcut_pad: CIFAR ResNet downsampling shortcut: zero channels split on
+      'both' sides of the identity channels (akamaster-style) or appended at the
+      'end' (the reference's ``torch.cat([x, zeros])``).
+    shortcut_grad: 'flow' (gradient flows through that shortcut) or 'detached'
+      (the reference builds it from ``x.data``).
+    bn_running_var: BatchNorm running variance updated with the 'biased' batch
+      variance (Flax) or the 'unbiased' one, n/(n-1) (PyTorch).
+  """
+  shortcut_pad: str = 'both'
+  shortcut_grad: str = 'flow'
+  bn_running_var: str = 'biased'
+
+  def __post_init__(self):
+    _check_choice('shortcut_pad', self.shortcut_pad, SHORTCUT_PADS)
+    _check_choice('shortcut_grad', self.shortcut_grad, SHORTCUT_GRADS)
+    _check_choice('bn_running_var', self.bn_running_var, BN_RUNNING_VARS)
+
+
 def check_images(x: jax.Array) -> None:
   if x.ndim != 4:
     raise ValueError(
         f'expected images of rank 4 (N, H, W, C), got shape {tuple(x.shape)}')
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str):
+class BatchNorm(nn.Module):
+  """BatchNorm over N, H, W with PyTorch's defaults (momentum 0.1, eps 1e-5).
+
+  The same variables as ``nn.BatchNorm`` (params scale/bias, batch_stats
+  mean/var) and the same float32 statistics, pmean-ed over ``axis_name``;
+  ``running_var`` says which batch variance updates the running one: 'biased'
+  (as ``nn.BatchNorm``) or 'unbiased', n/(n-1) over the global batch (PyTorch).
+  Normalisation always uses the biased batch variance, as both frameworks do.
+  """
+  use_running_average: bool
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+  running_var: str = 'biased'
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean, mean2 = jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)
+      n = x.size // c
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean2 = jax.lax.pmean((mean, mean2), self.axis_name)
+        n = n * jax.lax.psum(1, self.axis_name)
+      var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+      if not self.is_initializing():
+        update = var * (n / jnp.maximum(n - 1, 1)) if self.running_var == 'unbiased' else var
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * update
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str,
+               running_var: str = 'biased'):
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-      axis_name=axis_name if train else None, name=name)
+  return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
+                   dtype=dtype, running_var=running_var, name=name)
+
+
+def head_initializers(gate: GateConfig, fan_in: int) -> dict:
+  """Dense kernel/bias initialisers of a head for ``gate.head_weight_init``."""
+  if gate.head_weight_init == 'lecun_normal':
+    return {}
+  bound = 1.0 / float(fan_in) ** 0.5
+  return {'kernel_init': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+          'bias_init': lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+              key, shape, dtype, -bound, bound)}
 
 
 class AvgPool(nn.Module):
@@ -116,6 +206,7 @@ class GatedConv(nn.Module):
   gate: GateConfig | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_running_var: str = 'biased'
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
@@ -129,7 +220,7 @@ class GatedConv(nn.Module):
         strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
         feature_group_count=cin if self.depthwise else 1, use_bias=self.use_bias,
         dtype=self.dtype, name='conv')(x)
-    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn')(z)
+    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn', self.bn_running_var)(z)
 
     act = ACTIVATIONS[self.act]
     finish = lambda t: t
@@ -149,7 +240,8 @@ class GatedConv(nn.Module):
     pooled = (jnp.mean if gate.pool == 'avg' else jnp.max)(head_in, axis=(1, 2))
     if gate.softmax:
       pooled = jax.nn.softmax(pooled, axis=-1)
-    logits = nn.Dense(self.features, use_bias=True, name=HEAD_NAME)(pooled)
+    logits = nn.Dense(self.features, use_bias=True, name=HEAD_NAME,
+                      **head_initializers(gate, cin))(pooled)
 
     target = jax.lax.stop_gradient(ftwt.targets(y, gate.criterion, gate.threshold))
     in_nz = jax.lax.stop_gradient(jnp.any(x != 0, axis=(1, 2)).astype(jnp.float32))
@@ -159,7 +251,7 @@ class GatedConv(nn.Module):
       mask = target
     else:
       mask = jnp.ones_like(target)
-    if self.depthwise and gate.mask_source != 'ones':
+    if self.depthwise and gate.mask_source != 'ones' and gate.depthwise_rule == 'follow_input':
       # SPEC 2.2: a channel switched off upstream stays off.
       mask = mask * in_nz
     out = finish(y * mask[:, None, None, :].astype(y.dtype))
@@ -172,14 +264,21 @@ class GatedNetwork(nn.Module):
   gate: GateConfig | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  options: BackboneOptions = BackboneOptions()
+
+  def shared(self) -> dict:
+    """The fields above, for building a sub-block with the same options."""
+    return {'gate': self.gate, 'dtype': self.dtype, 'bn_axis_name': self.bn_axis_name,
+            'options': self.options}
 
   def gated_conv(self, features: int, kernel_size: int = 3, strides: int = 1,
                  **kwargs) -> GatedConv:
     return GatedConv(features, kernel_size, strides, gate=self.gate, dtype=self.dtype,
-                     bn_axis_name=self.bn_axis_name, **kwargs)
+                     bn_axis_name=self.bn_axis_name,
+                     bn_running_var=self.options.bn_running_var, **kwargs)
 
   def batch_norm(self, train: bool, name: str):
-    return batch_norm(train, self.bn_axis_name, self.dtype, name)
+    return batch_norm(train, self.bn_axis_name, self.dtype, name, self.options.bn_running_var)
 
 
 class Backbone(GatedNetwork, kw_only=True):

@@ -67,8 +67,8 @@ class MobileNetV2(Backbone, kw_only=True):
     for t, c, n, s in MOBILENET_V2_CFG:
       for b in range(n):
         x, g = InvertedResidual(
-            expansion=t, features=self.scaled(c), strides=s if b == 0 else 1, gate=self.gate,
-            dtype=self.dtype, bn_axis_name=self.bn_axis_name, name=f'block{index}')(x, train)
+            expansion=t, features=self.scaled(c), strides=s if b == 0 else 1,
+            name=f'block{index}', **self.shared())(x, train)
         gates.update(g)
         index += 1
     x, g = self.gated_conv(self.scaled(1280), 1, name='final_conv')(x, train)

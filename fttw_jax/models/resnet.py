@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fttw_jax.models.gating import AvgPool, Backbone, GatedNetwork, check_images
 
 
-def pad_shortcut(x, features: int, strides: int):
-  """Parameter-free CIFAR shortcut: 2x2 average pool, then zero-pad channels on both sides."""
+def pad_shortcut(x, features: int, strides: int, side: str = 'both', grad: str = 'flow'):
+  """Parameter-free CIFAR shortcut: 2x2 average pool, then zero channels split on
+  ``side='both'`` sides or appended at the ``'end'`` (SPEC 9.1); ``grad='detached'``
+  stops the gradient through it, as the reference's ``x.data`` does."""
   if strides != 1:
     x = nn.avg_pool(x, (strides, strides), strides=(strides, strides))
+  if grad == 'detached':
+    x = jax.lax.stop_gradient(x)
   extra = features - x.shape[-1]
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  before = extra // 2 if side == 'both' else 0
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
 
 
 class BasicBlock(GatedNetwork, kw_only=True):
@@ -29,7 +35,8 @@ class BasicBlock(GatedNetwork, kw_only=True):
     residual = x
     if self.strides != 1 or x.shape[-1] != self.features:
       if self.shortcut == 'pad':
-        residual = pad_shortcut(x, self.features, self.strides)
+        residual = pad_shortcut(x, self.features, self.strides, self.options.shortcut_pad,
+                                self.options.shortcut_grad)
       else:
         residual = nn.Conv(self.features, (1, 1), strides=(self.strides, self.strides),
                            padding='VALID', use_bias=False, dtype=self.dtype,
@@ -66,7 +73,7 @@ class ResNet(Backbone, kw_only=True):
       for b in range(size):
         x, g = BasicBlock(
             features=features, strides=2 if stage > 0 and b == 0 else 1,
-            shortcut='conv' if self.imagenet else 'pad', gate=self.gate, dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name, name=f'layer{stage + 1}_{b}')(x, train)
+            shortcut='conv' if self.imagenet else 'pad', name=f'layer{stage + 1}_{b}',
+            **self.shared())(x, train)
         gates.update(g)
     return self.classify(AvgPool(0, counted=True, name='pool')(x), gates)
