@@ -2,8 +2,9 @@
 
 Modes: ``train`` (resumes automatically), ``evaluate`` (restore a checkpoint,
 write ``eval/<step>.json``), ``estimate`` (FLOPs a given r will cost, before
-dynamic training; or the r for ``--target_reduction``), ``report`` (PNG plots
-and ``report.md``).
+dynamic training; or the r for ``--target_reduction``), ``static`` (the FTWT
+checkpoint vs static pruning at the same cost, ``static.json``), ``report`` (PNG
+plots and ``report.md``).
 """
 
 import os
@@ -16,8 +17,9 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, eval.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'report'], 'What to do.')
-flags.DEFINE_string('checkpoint', 'best', "evaluate: 'best', 'latest' or a step number.")
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'static', 'report'],
+                  'What to do.')
+flags.DEFINE_string('checkpoint', 'best', "evaluate, static: 'best', 'latest' or a step number.")
 flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction.')
 flags.DEFINE_float('estimate_examples', 512, 'estimate: training examples to sample.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
@@ -60,6 +62,9 @@ def main(argv):
     from fttw_jax import estimate
     estimate.run(config, FLAGS.workdir, target_reduction=FLAGS.target_reduction,
                  num_examples=int(FLAGS.estimate_examples))
+  elif FLAGS.mode == 'static':
+    from fttw_jax import static
+    static.run_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
   else:
     from fttw_jax import report
     report.write_report(FLAGS.workdir, config)

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gate.criterion = 'mass'     # 'mass' (threshold = r) | 'uniform' (threshold = prune ratio q)
   c.gate.threshold = 0.9
   c.gate.gt_after_block = False
+  c.gate.head_norm = 'none'     # | 'standardize': head sees the softmax output standardized
 
   c.cooldown = 0.5              # mask loss weight 1 before int(cooldown * epochs), then 0
   c.head_init = 'random'        # | 'ones': one pass fitting heads to all-on masks first

@@ -568,6 +568,9 @@ def check_supported(model) -> Callable:
   if model.gate.mask_source != 'predicted':
     raise ValueError(f"sparse execution runs the heads' predicted masks; got "
                      f'gate.mask_source={model.gate.mask_source!r} (valid: \'predicted\')')
+  if model.gate.head_norm != 'none':
+    raise ValueError(f'sparse execution computes the heads as the paper does; got '
+                     f"gate.head_norm={model.gate.head_norm!r} (valid: 'none')")
   return walker
 
 

@@ -66,3 +66,10 @@ def test_cifar_ftwt_recipe_matches_spec():
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match=r"variant.*'tiny'"):
     load(epath.Path(__file__).parent.parent / 'configs' / 'cifar10_resnet56_dense.py', 'tiny')
+
+
+def test_paper_rows_keep_the_authors_head_input():
+  """gate.head_norm (issue 19) is the demo's choice; every paper-row config keeps 'none'."""
+  for path in CONFIGS:
+    if path.name != 'default.py':
+      assert load(path).gate.head_norm == 'none', path.name

@@ -22,6 +22,7 @@ HEAD_NAME = 'head'
 POOLS = ('avg', 'max')
 MODES = ('decoupled', 'joint')
 MASK_SOURCES = ('predicted', 'target', 'ones')
+HEAD_NORMS = ('none', 'standardize')
 ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
 
 
@@ -42,6 +43,13 @@ class GateConfig:
       = prune ratio q).
     threshold: r for 'mass', q for 'uniform'.
     gt_after_block: ResNet: take the second conv's target after add + ReLU.
+    head_norm: what the head's dense layer sees after pool (and softmax).
+      'none' (paper and reference): the softmax output itself, ~1/Cin per
+      channel plus small deviations, so that in a short run the mask loss
+      gradient moves the biases far more than the weights and the heads
+      settle on one input-independent mask. 'standardize': per sample,
+      subtract the mean over channels and divide by the standard deviation
+      (+1e-6), so the head's weights see O(1) inputs (issue 19).
     mask_source: which mask multiplies the output: the heads' 'predicted' mask
       (training and evaluation), the 'target' (FLOPs estimation before
       training) or 'ones' (no masking at all, not even SPEC 2.2's depthwise
@@ -54,12 +62,14 @@ class GateConfig:
   threshold: float = 0.9
   gt_after_block: bool = False
   mask_source: str = 'predicted'
+  head_norm: str = 'none'
 
   def __post_init__(self):
     _check_choice('gate.pool', self.pool, POOLS)
     _check_choice('gate.mode', self.mode, MODES)
     _check_choice('gate.criterion', self.criterion, ftwt.CRITERIA)
     _check_choice('gate.mask_source', self.mask_source, MASK_SOURCES)
+    _check_choice('gate.head_norm', self.head_norm, HEAD_NORMS)
     if self.criterion == 'mass':
       ftwt.check_mass_threshold(self.threshold)
     else:
@@ -93,6 +103,14 @@ class AvgPool(nn.Module):
       return jnp.mean(x, axis=(1, 2), keepdims=True)
     w = (self.window, self.window)
     return nn.avg_pool(x, w, strides=w)
+
+
+def normalize_head_input(pooled: jax.Array, head_norm: str) -> jax.Array:
+  """GateConfig.head_norm on the (N, Cin) pooled head input."""
+  if head_norm == 'standardize':
+    centred = pooled - jnp.mean(pooled, axis=-1, keepdims=True)
+    return centred / (jnp.std(pooled, axis=-1, keepdims=True) + 1e-6)
+  return pooled
 
 
 class GatedConv(nn.Module):
@@ -149,6 +167,7 @@ class GatedConv(nn.Module):
     pooled = (jnp.mean if gate.pool == 'avg' else jnp.max)(head_in, axis=(1, 2))
     if gate.softmax:
       pooled = jax.nn.softmax(pooled, axis=-1)
+    pooled = normalize_head_input(pooled, gate.head_norm)
     logits = nn.Dense(self.features, use_bias=True, name=HEAD_NAME)(pooled)
 
     target = jax.lax.stop_gradient(ftwt.targets(y, gate.criterion, gate.threshold))
