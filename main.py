@@ -2,8 +2,9 @@
 
 Modes: ``train`` (resumes automatically), ``evaluate`` (restore a checkpoint,
 write ``eval/<step>.json``), ``estimate`` (FLOPs a given r will cost, before
-dynamic training; or the r for ``--target_reduction``), ``report`` (PNG plots
-and ``report.md``).
+dynamic training; or the r for ``--target_reduction``), ``static`` (the FTWT
+checkpoint vs static pruning at the same cost, ``static.json``), ``report`` (PNG
+plots and ``report.md``).
 
 Exit status: 0 done; 2 bad input (a config value or variant, a missing file, a
 ``--checkpoint`` choice, a workdir of another run: one line, no traceback unless
@@ -25,8 +26,9 @@ from fttw_jax import errors  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, eval.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'report'], 'What to do.')
-flags.DEFINE_string('checkpoint', 'best', "evaluate: 'best', 'latest' or a step number.")
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'static', 'report'],
+                  'What to do.')
+flags.DEFINE_string('checkpoint', 'best', "evaluate, static: 'best', 'latest' or a step number.")
 flags.DEFINE_bool('overwrite', False, "train: discard the workdir's artefacts of another run "
                   '(checkpoints, eval, events, config.json, run.json, report) and start afresh.')
 flags.DEFINE_bool('debug', False, 'Print tracebacks for bad-input errors too.')
@@ -86,6 +88,9 @@ def run(config) -> int:
     from fttw_jax import estimate
     estimate.run(config, FLAGS.workdir, target_reduction=FLAGS.target_reduction,
                  num_examples=int(FLAGS.estimate_examples))
+  elif FLAGS.mode == 'static':
+    from fttw_jax import checkpoint, static
+    static.run_checkpoint(config, FLAGS.workdir, checkpoint.parse_which(FLAGS.checkpoint))
   else:
     from fttw_jax import report
     report.write_report(FLAGS.workdir, config)

@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bn_running_var = _unset()          # profile: 'biased' (Flax) | 'unbiased' (PyTorch)
   c.cooldown_heads = _unset()          # profile: after cooldown heads 'freeze' | 'momentum'
   c.head_init_pass = _unset()          # profile: 'eval_bn_one_epoch' | 'train_bn_501_batches'
+  c.gate.head_norm = 'none'     # | 'standardize': head sees the softmax output standardized
 
   c.cooldown = 0.5              # mask loss weight 1 before int(cooldown * epochs), then 0
   c.head_init = 'random'        # | 'ones': one pass fitting heads to all-on masks first

@@ -26,7 +26,7 @@ from fttw_jax.errors import UserError
 EXPERIMENT_KEYS = config_lib.EXPERIMENT_KEYS
 # Fields that change the forward pass without changing any parameter shape.
 FORWARD_KEYS = ('dtype', 'gate.pool', 'gate.softmax', 'gate.mode', 'gate.criterion',
-                'gate.threshold', 'gate.gt_after_block')
+                'gate.threshold', 'gate.gt_after_block', 'gate.head_norm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +173,13 @@ def format_table(result: dict, prof: flops.Profile | None = None) -> str:
   if 'mask_accuracy' in result:
     rows += [('mask loss', f"{result['mask_loss']:.4f}"),
              ('mask accuracy', pct(result['mask_accuracy']))]
+  dyn = result.get('dynamism')
+  if dyn:
+    for field, label in (('mask', 'masks'), ('target', 'targets')):
+      o = dyn[field]['overall']
+      rows.append((f'{label}: dynamic / on / off',
+                   f"{pct(o['dynamic'])} / {pct(o['static_on'])} / {pct(o['static_off'])} "
+                   f"of channels (Hamming {pct(o['hamming'])}, kept std {o['kept_std']:.2f})"))
   rows += [
       ('dense MACs', _fmt_macs(result['dense_macs'])),
       ('mean MACs exact', _fmt_macs(result['macs_exact'])),
@@ -189,7 +196,19 @@ def format_table(result: dict, prof: flops.Profile | None = None) -> str:
     if prof is not None:
       ratios = ordered_ratios(ratios, prof)
     name_w = max(len(n) for n in ratios)
-    lines += ['', f"{'layer'.ljust(name_w)}  active  ", '-' * (name_w + 32)]
+    layers = dyn['mask']['layers'] if dyn else {}
+    targets = dyn['target']['layers'] if dyn else {}
+    header = '  on    off   dyn   std  | target dyn' if layers else ''
+    lines += ['', f"{'layer'.ljust(name_w)}  active  {' ' * 20}{header}",
+              '-' * (name_w + 32 + len(header))]
     for name, v in ratios.items():
-      lines.append(f'{name.ljust(name_w)}  {v:6.3f}  ' + '#' * int(round(20 * v)))
+      line = f'{name.ljust(name_w)}  {v:6.3f}  ' + ('#' * int(round(20 * v))).ljust(20)
+      if name in layers:
+        d = layers[name]
+        line += (f"  {d['static_on']:.2f}  {d['static_off']:.2f}  {d['dynamic']:.2f}  "
+                 f"{d['kept_std']:4.2f} | {targets[name]['dynamic']:.2f}")
+      lines.append(line.rstrip())
+    if layers:
+      lines.append('(on / off / dyn: fraction of the layer\'s channels on for every sample, '
+                   'off for every sample, input-dependent; std: of the per-sample kept count)')
   return '\n'.join(lines)

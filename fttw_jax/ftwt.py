@@ -12,6 +12,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 EPS = 1e-5
@@ -148,3 +149,76 @@ def mask_metrics(gates: Mapping[str, Mapping[str, jax.Array]],
 def mask_loss_weight(epoch, epochs: int, cooldown: float = 0.5):
   """w(epoch) = 1 while epoch < int(cooldown * epochs), else 0 (heads then frozen)."""
   return jnp.where(epoch < int(cooldown * epochs), 1.0, 0.0)
+
+
+# ------------------------------------------------------------------ dynamism (issue 19)
+# How input-dependent the masks are over a split, from sums alone: per channel the
+# number of samples it is on in, per layer the sum and sum of squares of the kept
+# counts, and the sample count. Sums add over batches and devices, so an eval step
+# returns them (psum over the mesh) and nothing per sample leaves the device.
+
+DYNAMISM_FIELDS = ('mask', 'target')
+
+
+def dynamism_sums(gates: Mapping[str, Mapping[str, jax.Array]],
+                  sample_weight: jax.Array | None = None) -> dict:
+  """{field: {layer: {'on': (C,), 'kept': (), 'kept_sq': (), 'count': ()}}} for the
+  applied masks and the targets of one batch; ``sample_weight`` (N,) zeroes padding."""
+  out = {}
+  for field in DYNAMISM_FIELDS:
+    out[field] = {}
+    for name, g in gates.items():
+      m = g[field].astype(jnp.float32)
+      w = jnp.ones(m.shape[:1], jnp.float32) if sample_weight is None else sample_weight
+      w = w.astype(jnp.float32)
+      kept = jnp.sum(m, axis=-1)
+      out[field][name] = {'on': jnp.sum(m * w[:, None], axis=0), 'kept': jnp.sum(kept * w),
+                          'kept_sq': jnp.sum(kept * kept * w), 'count': jnp.sum(w)}
+  return out
+
+
+def _layer_dynamism(on, kept, kept_sq, count) -> dict:
+  """Fractions of static-on / static-off / input-dependent channels, the kept-count
+  std and the mean pairwise Hamming distance (in channels) of one layer."""
+  on = np.asarray(on, np.float64)
+  n = float(count)
+  static_on = np.sum(on >= n)
+  static_off = np.sum(on <= 0)
+  channels = on.size
+  mean = kept / max(n, 1.0)
+  # A pair (i, j) of distinct samples differs in channel c iff exactly one has it on:
+  # on_c * (n - on_c) of the n (n - 1) / 2 pairs.
+  hamming = float(np.sum(on * (n - on)) / (n * (n - 1) / 2)) if n > 1 else 0.0
+  return {'static_on': float(static_on / channels), 'static_off': float(static_off / channels),
+          'dynamic': float(1.0 - (static_on + static_off) / channels),
+          'kept_mean': float(mean),
+          'kept_std': float(np.sqrt(max(kept_sq / max(n, 1.0) - mean * mean, 0.0))),
+          'hamming': hamming, 'channels': int(channels)}
+
+
+def dynamism(sums: Mapping[str, Mapping[str, Mapping]]) -> dict:
+  """From ``dynamism_sums`` added over a split: per field ('mask', 'target')
+  ``{'overall': {...}, 'layers': {layer: {...}}}``.
+
+  Per layer: ``static_on`` / ``static_off`` / ``dynamic`` fractions of channels
+  that are on for every sample, off for every sample, or input-dependent;
+  ``kept_mean`` / ``kept_std`` of the per-sample kept count; ``hamming``: the
+  mean Hamming distance (channels) between the masks of two distinct samples.
+  Overall: the fractions over all (layer, channel) pairs, ``kept_std`` the mean
+  of the layers' and ``hamming`` the whole-network distance as a fraction of
+  all channels.
+  """
+  out = {}
+  for field, layers in sums.items():
+    per_layer = {name: _layer_dynamism(s['on'], float(s['kept']), float(s['kept_sq']),
+                                       float(s['count'])) for name, s in layers.items()}
+    if not per_layer:
+      out[field] = {'overall': {}, 'layers': {}}
+      continue
+    total = sum(v['channels'] for v in per_layer.values())
+    share = lambda k: sum(v[k] * v['channels'] for v in per_layer.values()) / total
+    overall = {k: share(k) for k in ('static_on', 'static_off', 'dynamic')}
+    overall['kept_std'] = float(np.mean([v['kept_std'] for v in per_layer.values()]))
+    overall['hamming'] = sum(v['hamming'] for v in per_layer.values()) / total
+    out[field] = {'overall': overall, 'layers': per_layer}
+  return out

@@ -1,5 +1,6 @@
-"""A workdir as pictures: training curves, per-layer sparsity, accuracy vs FLOPs,
-mask heatmap, per-sample cost, and ``report.md`` tying them together (issue 5).
+"""A workdir as pictures: training curves, per-layer sparsity, accuracy vs FLOPs (with
+the static control at the same cost), mask heatmap, per-sample cost, which channels
+depend on the input, and ``report.md`` tying them together (issues 5, 19).
 
 ``write_report(workdir)`` reads the TensorBoard event files (or, without them,
 the eval JSONs) for the curves, restores the checkpoint once and runs it over
@@ -18,11 +19,11 @@ from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fttw_jax import api, checkpoint, data, evaluate, paper_results, train
+from fttw_jax import api, checkpoint, data, evaluate, paper_results, static, train
 
 DPI = 130
 COLORS = {'train': '#4C72B0', 'eval': '#DD8452', 'exact': '#C44E52', 'paper': '#8172B3',
-          'dense': '#55A868', 'published': '#7F7F7F', 'target': '#222222'}
+          'dense': '#55A868', 'published': '#7F7F7F', 'target': '#222222', 'static': '#937860'}
 
 
 # ------------------------------------------------------------------ reading
@@ -191,8 +192,10 @@ def plot_active_ratio(layers: Sequence[str], predicted: np.ndarray, target: np.n
 
 
 def plot_accuracy_vs_flops(run: dict, dense: dict | None, published, estimate: dict | None,
-                           title: str, path: epath.Path) -> epath.Path:
-  """This run (exact and paper counts), its dense start and the paper's points.
+                           title: str, path: epath.Path,
+                           static: dict | None = None) -> epath.Path:
+  """This run (exact and paper counts), its dense start, the static control at the
+  same cost (``static.json``) and the paper's points.
 
   The x axis always spans 0-100 % so that plots of different runs compare."""
   fig = Figure(figsize=(7, 4.8), layout='constrained')
@@ -207,6 +210,10 @@ def plot_accuracy_vs_flops(run: dict, dense: dict | None, published, estimate: d
   else:
     ax.scatter(0, top1, s=70, marker='D', color=COLORS['dense'], zorder=3,
                label='this run (dense)')
+  if static is not None:
+    xs.append(100 * static['flops_reduction_exact'])
+    ax.scatter(xs[-1], 100 * static['top1'], s=70, marker='X', color=COLORS['static'], zorder=3,
+               label='static pruning, same cost (exact)')
   if dense is not None:
     ax.scatter(0, 100 * dense['top1'], s=70, marker='D', color=COLORS['dense'], zorder=3,
                label='dense baseline (init_from)')
@@ -275,6 +282,58 @@ def heatmap_rows(stats: dict, num_classes: int) -> tuple[np.ndarray, list[str], 
   return rows, [f'{10 * i}-{10 * (i + 1)}%' for i in range(len(groups))], 'per-sample cost decile'
 
 
+def plot_dynamism(dynamism: dict, layers: Sequence[str], path: epath.Path) -> epath.Path:
+  """Per layer, the fractions of channels that are on for every test sample, off for
+  every one, or input-dependent (stacked bars: applied masks; dots: their targets)."""
+  masks, targets = dynamism['mask']['layers'], dynamism['target']['layers']
+  layers = [n for n in layers if n in masks]
+  x = np.arange(len(layers))
+  get = lambda d, k: np.array([d[n][k] for n in layers])
+  fig = Figure(figsize=(max(6.0, 0.42 * len(layers) + 2), 4.4), layout='constrained')
+  ax = fig.add_subplot()
+  bottom = np.zeros(len(layers))
+  for key, color, label in (('static_on', COLORS['dense'], 'always on'),
+                            ('static_off', '#BBBBBB', 'always off'),
+                            ('dynamic', COLORS['exact'], 'input-dependent')):
+    v = get(masks, key)
+    ax.bar(x, v, bottom=bottom, color=color, label=f'masks: {label}')
+    bottom = bottom + v
+  ax.plot(x, get(targets, 'dynamic'), ls='none', marker='o', ms=5, color=COLORS['target'],
+          label='targets: input-dependent')
+  ax.set_xticks(x, layers, rotation=60, ha='right', rotation_mode='anchor',
+                fontsize=8 if len(layers) < 30 else 6)
+  ax.set_ylim(0, 1.22)
+  ax.set_yticks(np.linspace(0, 1, 6))
+  ax.set_ylabel('fraction of the layer\'s channels')
+  ax.set_xlabel('masked conv (execution order)')
+  overall = dynamism['mask']['overall']['dynamic']
+  ax.set_title(f'Which channels depend on the input (test split; masks {100 * overall:.1f} % '
+               f"dynamic, targets {100 * dynamism['target']['overall']['dynamic']:.1f} %)")
+  ax.legend(loc='upper center', ncols=4, fontsize=7, frameon=False)
+  return _save(fig, path)
+
+
+STATIC_SHARE = 0.05   # below this share of input-dependent channels a model is called static
+
+
+def dynamism_sentence(run: dict) -> str:
+  """One plain sentence on how input-dependent the masks are (issue 19)."""
+  dyn = run['dynamism']
+  o, t = dyn['mask']['overall'], dyn['target']['overall']
+  layers = dyn['mask']['layers']
+  frozen = sum(1 for d in layers.values() if d['dynamic'] == 0)
+  share = f"{100 * o['dynamic']:.1f} %"
+  tail = (f"{frozen} of {len(layers)} layers give every test sample the same mask; the "
+          f"targets the heads were trained on are input-dependent in "
+          f"{100 * t['dynamic']:.1f} % of the channels.")
+  if o['dynamic'] < STATIC_SHARE:
+    return (f'**This model is effectively static**: its masks depend on the input in only '
+            f'{share} of the channels (mean pairwise Hamming distance '
+            f"{100 * o['hamming']:.2f} % of the channels); {tail}")
+  return (f"The masks depend on the input in {share} of the channels (mean pairwise Hamming "
+          f"distance {100 * o['hamming']:.2f} % of the channels); {tail}")
+
+
 def plot_cost_histogram(macs: np.ndarray, dense: float, path: epath.Path) -> epath.Path:
   """Distribution of per-sample exact reduction: how dynamic the pruning is."""
   red = 100 * (1 - macs / dense)
@@ -296,7 +355,20 @@ def _pct(v) -> str:
   return f'{100 * v:.2f} %'
 
 
-def summary_rows(run: dict, dense: dict | None, estimate: dict | None) -> list[tuple[str, str]]:
+def static_sentence(result: dict) -> str:
+  """The dynamic model against its static control (``static.run``), in words."""
+  d, s = result['dynamic'], result['static']
+  gap = 100 * (d['top1'] - s['top1'])
+  verdict = ('beats' if gap > 0 else 'does not beat')
+  return (f"Static control (`--mode=static`, `static.json`): keeping per layer the channels "
+          f"the heads switch on most often, at {_pct(s['flops_reduction_exact'])} exact "
+          f"reduction (dynamic: {_pct(d['flops_reduction_exact'])}, heads included), gives "
+          f"top-1 {_pct(s['top1'])}; the dynamic model ({_pct(d['top1'])}) {verdict} it "
+          f"({gap:+.2f} points).")
+
+
+def summary_rows(run: dict, dense: dict | None, estimate: dict | None,
+                 static_run: dict | None = None) -> list[tuple[str, str]]:
   rows = [('checkpoint', f"step {run.get('step')} ({run.get('num_examples')} test examples)"),
           ('top-1', _pct(run['top1'])), ('top-5', _pct(run['top5'])),
           ('FLOPs reduction, exact', _pct(run['flops_reduction_exact'])),
@@ -306,6 +378,13 @@ def summary_rows(run: dict, dense: dict | None, estimate: dict | None) -> list[t
           ('head params / MACs', f"{run['head_params']:,} / {run['head_macs']:,}")]
   if 'mask_accuracy' in run:
     rows.insert(3, ('mask accuracy', _pct(run['mask_accuracy'])))
+  if 'dynamism' in run:
+    rows.insert(4, ('input-dependent channels, masks / targets',
+                    f"{_pct(run['dynamic_share'])} / {_pct(run['target_dynamic_share'])}"))
+  if static_run is not None:
+    s = static_run['static']
+    rows.append(('static pruning at the same cost: top-1, reduction exact',
+                 f"{_pct(s['top1'])}, {_pct(s['flops_reduction_exact'])}"))
   if estimate is not None:
     rows.append((f"FLOPs reduction estimated from targets (r={estimate['threshold']:g})",
                  f"{_pct(estimate['flops_reduction_exact'])} exact, "
@@ -317,10 +396,12 @@ def summary_rows(run: dict, dense: dict | None, estimate: dict | None) -> list[t
 
 
 def _run_eval(restored: evaluate.Restored, evals: dict, max_examples) -> dict:
-  """The eval of the reported step: its JSON when training wrote one, else computed."""
-  if restored.step in evals and (max_examples is None
-                                 or evals[restored.step]['num_examples'] <= max_examples):
-    return evals[restored.step]
+  """The eval of the reported step: its JSON when training wrote one (with the
+  dynamism metrics, for a gated run), else computed."""
+  stored = evals.get(restored.step)
+  if stored is not None and (max_examples is None or stored['num_examples'] <= max_examples) \
+      and ('dynamism' in stored or not restored.gated):
+    return stored
   result = evaluate.evaluate_restored(restored, max_examples)
   train.write_eval_json(restored.workdir, restored.step, result)
   return result
@@ -356,11 +437,18 @@ def write_report(workdir, config=None, which: str | int = 'latest',
   name = f'{cfg.model} x{cfg.width:g} on {cfg.dataset} ({cfg.stage})'
 
   cooldown = cooldown_step(restored.stored_config)
+  static_run = None
+  if restored.gated:
+    static_run = static.read(restored.workdir, restored.step)
+    if static_run is None or (max_examples is not None
+                              and static_run['num_examples'] > max_examples):
+      static_run = static.run(restored, max_examples)
+      static.write(restored.workdir, static_run)
   images = [('Training curves', plot_curves(series, restored.gated, cooldown,
                                             out / 'curves.png'))]
   images.append(('Accuracy vs FLOPs reduction', plot_accuracy_vs_flops(
       run, dense, published, estimate, f'Accuracy vs FLOPs: {name}',
-      out / 'accuracy_vs_flops.png')))
+      out / 'accuracy_vs_flops.png', static_run and static_run['static'])))
   notes = [f'Curves from the {curves_from} in the workdir.']
   if not published:
     notes.append(f'The paper publishes no result for {cfg.model} (width {cfg.width:g}) on '
@@ -377,10 +465,15 @@ def write_report(workdir, config=None, which: str | int = 'latest',
                                                 out / 'mask_heatmap.png')))
     images.append(('Per-sample cost', plot_cost_histogram(
         stats['macs'], float(run['dense_macs']), out / 'flops_per_sample.png')))
+    images.append(('Input-dependent channels', plot_dynamism(
+        run['dynamism'], stats['layers'], out / 'dynamism.png')))
+    notes.insert(0, dynamism_sentence(run))
+    notes.insert(1, static_sentence(static_run))
   else:
     notes.append('Baseline (dense) run: no masks, so no active-ratio, heatmap or per-sample '
                  'cost plots.')
-  md = _markdown(name, restored, summary_rows(run, dense, estimate), images, notes, out)
+  md = _markdown(name, restored, summary_rows(run, dense, estimate, static_run), images, notes,
+                 out)
   path = out / 'report.md'
   path.write_text(md)
   print(f'report written: {path}')

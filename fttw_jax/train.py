@@ -185,10 +185,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
 
 
 def eval_step(variables, batch, *, model, config, prof):
-  """Per-example eval statistics of one device's slice, with the padding weight."""
+  """Per-example eval statistics of one device's slice, with the padding weight, and
+  the mask dynamism sums of the global batch (``ftwt.dynamism_sums``, psum over the mesh)."""
   images = data.normalize(batch['image'], config.dataset)
   logits, aux = model.apply(variables, images, train=False)
-  return _per_example_stats(logits, batch['label'], aux['gates'], prof), batch['mask']
+  gates = aux['gates']
+  sums = jax.lax.psum(ftwt.dynamism_sums(gates, batch['mask']), AXIS)
+  return _per_example_stats(logits, batch['label'], gates, prof), batch['mask'], sums
 
 
 def all_finite(tree) -> jax.Array:
@@ -215,27 +218,38 @@ def make_train_step(mesh, **kwargs):
 
 def make_eval_step(mesh, **kwargs):
   step = functools.partial(eval_step, **kwargs)
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=(P(AXIS), P(AXIS), P())))
 
 
 def evaluate(eval_fn, variables, batches, mesh, prof, gated: bool) -> dict:
   """One pass over ``batches``: weighted means of every per-example statistic."""
-  sums, count = None, 0.0
+  means, dyn_sums, count = accumulate(eval_fn, variables, batches, mesh)
+  return summarize(means, prof, gated, count, ftwt.dynamism(dyn_sums) if gated else None)
+
+
+def accumulate(eval_fn, variables, batches, mesh) -> tuple[dict, dict, int]:
+  """(weighted means of the per-example statistics, dynamism sums, example count)."""
+  sums, dyn_sums, count = None, None, 0.0
   for batch in batches:
-    stats, weight = multihost_utils.process_allgather(
+    stats, weight, batch_dyn = multihost_utils.process_allgather(
         eval_fn(variables, data.shard_batch(batch, mesh)), tiled=True)
     weight = np.asarray(weight, np.float64)
     batch_sums = jax.tree.map(lambda v: np.sum(np.asarray(v, np.float64) * weight), stats)
+    batch_dyn = jax.tree.map(lambda v: np.asarray(v, np.float64), batch_dyn)
     sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
+    dyn_sums = batch_dyn if dyn_sums is None else jax.tree.map(np.add, dyn_sums, batch_dyn)
     count += float(weight.sum())
   if sums is None:
     raise ValueError('the evaluation split yielded no batch')
   means = jax.tree.map(lambda v: float(v / max(count, 1.0)), sums)
-  return summarize(means, prof, gated, int(count))
+  return means, dyn_sums, int(count)
 
 
-def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int) -> dict:
-  """The eval JSON: accuracy, losses, FLOPs (exact and paper), per-layer stats."""
+def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int,
+              dynamism: dict | None = None) -> dict:
+  """The eval JSON: accuracy, losses, FLOPs (exact and paper), per-layer stats, and
+  (``ftwt.dynamism``) how input-dependent the masks and targets are."""
   dense = flops.dense_macs(prof)
   out = {'num_examples': num_examples, 'top1': means['top1'], 'top5': means['top5'],
          'ce_loss': means['ce_loss'], 'dense_macs': dense, 'params': prof.params,
@@ -248,6 +262,9 @@ def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int) 
         macs_exact=means['macs_exact'], macs_paper=means['macs_paper'],
         flops_reduction_exact=1.0 - means['macs_exact'] / dense,
         flops_reduction_paper=1.0 - means['macs_paper'] / dense)
+    if dynamism is not None:
+      out.update(dynamism=dynamism, dynamic_share=dynamism['mask']['overall']['dynamic'],
+                 target_dynamic_share=dynamism['target']['overall']['dynamic'])
   else:
     out.update(loss=means['ce_loss'], macs_exact=float(dense), macs_paper=float(dense),
                flops_reduction_exact=0.0, flops_reduction_paper=0.0)
@@ -361,8 +378,9 @@ class MetricsWriter:
       return
     flat, brief = {}, {}
     for k, v in metrics.items():
-      if isinstance(v, dict):
-        flat.update({f'{prefix}{k}/{kk}': vv for kk, vv in v.items()})
+      if isinstance(v, dict):  # nested (dynamism: field/overall|layers/...): one tag per leaf
+        flat.update({f'{prefix}{k}/' + '/'.join(kk): vv for kk, vv in
+                     flax.traverse_util.flatten_dict(v).items()})
       else:
         flat[f'{prefix}{k}'] = brief[f'{prefix}{k}'] = v
     self.tensorboard.write_scalars(step, flat)

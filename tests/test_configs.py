@@ -78,3 +78,10 @@ def test_default_config_variants():
   assert load(default).stage == load(default, 'ftwt').stage == 'ftwt'
   with pytest.raises(UserError, match="both 'baseline' and 'ftwt'"):
     load(default, 'baseline,ftwt')
+
+
+def test_paper_rows_keep_the_authors_head_input():
+  """gate.head_norm (issue 19) is the demo's choice; every paper-row config keeps 'none'."""
+  for path in CONFIGS:
+    if path.name != 'default.py':
+      assert load(path).gate.head_norm == 'none', path.name

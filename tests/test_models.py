@@ -144,3 +144,29 @@ def test_max_pool_and_no_softmax_heads_differ_from_default():
   for change in ({'pool': 'max'}, {'softmax': False}):
     other = with_gate(gated, **change).apply(variables, x)[1]['gates']['layer1_0/conv1']['logits']
     assert not np.allclose(base, other)
+
+
+def test_head_norm_standardize_feeds_the_head_a_standardized_input():
+  """gate.head_norm='standardize' (issue 19): the head's dense layer sees, per sample,
+  the softmax output with mean 0 and std 1 over channels: its logits equal the head
+  applied by hand to that input, and differ from the default's."""
+  gated, variables, x = init_gated('resnet20', width=0.5)
+  name = 'layer2_0/conv1'
+  norm = with_gate(gated, head_norm='standardize')
+  _, inter = norm.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  block_in = inter['intermediates']['layer1_2']['__call__'][0][0]   # layer2_0's input
+  pooled = jax.nn.softmax(jnp.mean(block_in, axis=(1, 2)), axis=-1)
+  standardized = models.gating.normalize_head_input(pooled, 'standardize')
+  np.testing.assert_allclose(jnp.mean(standardized, -1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.std(standardized, -1), 1.0, atol=1e-3)
+  head = variables['params']['layer2_0']['conv1']['head']
+  got = norm.apply(variables, x)[1]['gates'][name]['logits']
+  np.testing.assert_allclose(got, standardized @ head['kernel'] + head['bias'], rtol=1e-4,
+                             atol=1e-5)
+  base = gated.apply(variables, x)[1]['gates'][name]['logits']
+  assert not np.allclose(base, got)
+  with pytest.raises(ValueError, match=r"gate.head_norm='layer'.*standardize"):
+    models.GateConfig(head_norm='layer')
+  from fttw_jax import sparse  # its heads are the paper's: it must refuse, not differ
+  with pytest.raises(ValueError, match=r"head_norm='standardize'"):
+    sparse.check_supported(norm)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fttw_jax import api, checkpoint, data, estimate, evaluate, flops, paper_results, report
+from fttw_jax import static
 from fttw_jax import config as config_lib
 from fttw_jax import train
 from helpers import skip_without_compiler
@@ -80,11 +81,50 @@ def test_evaluate_json_matches_a_direct_computation(runs, capsys):
   for name, ratio in result['active_ratio'].items():
     assert ratio == pytest.approx(masks[name].mean(), abs=1e-6)
   assert result['head_macs'] == m.profile.head_macs > 0
+  # Dynamism (issue 19): the eval step's on-device sums == the masks gathered here.
+  for name, mk in masks.items():
+    got = result['dynamism']['mask']['layers'][name]
+    assert got['static_on'] == pytest.approx(np.mean(mk.all(axis=0)))
+    assert got['static_off'] == pytest.approx(np.mean((mk == 0).all(axis=0)))
+    assert got['kept_std'] == pytest.approx(np.std(mk.sum(axis=-1)), abs=1e-6)
+    n = len(mk)
+    pair_sum = sum(np.sum(mk[i] != mk[i + 1:]) for i in range(n))
+    assert got['hamming'] == pytest.approx(pair_sum / (n * (n - 1) / 2), rel=1e-9)
+  all_masks = np.concatenate(list(masks.values()), axis=1)
+  dynamic = np.mean(all_masks.any(axis=0) & ~all_masks.all(axis=0))
+  assert result['dynamic_share'] == pytest.approx(dynamic)
+  assert 0 <= result['target_dynamic_share'] <= 1
   # The table: overall numbers, then layers in execution order.
   assert 'top-1' in printed and 'FLOPs reduction exact' in printed
+  assert 'masks: dynamic / on / off' in printed and 'targets: dynamic / on / off' in printed
   names = [l.name for l in m.profile.masked]
   positions = [printed.index(f'\n{n} ') for n in names]
   assert positions == sorted(positions)
+
+
+def test_static_control_at_the_dynamic_cost(runs, capsys):
+  result = static.run_checkpoint(None, runs['ftwt'], 'latest')
+  printed = capsys.readouterr().out
+  assert json.loads((runs['ftwt'] / 'static.json').read_text()) == json.loads(json.dumps(result))
+  d, s = result['dynamic'], result['static']
+  assert result['num_examples'] == data.get_info('digits').num_eval
+  # The same budget: the static network (no heads) costs at most the dynamic one (heads
+  # included), and not much less.
+  assert s['macs_exact'] <= d['macs_exact']
+  assert d['flops_reduction_exact'] <= s['flops_reduction_exact'] < d['flops_reduction_exact'] + 0.1
+  # Its fixed mask, run through the research API's model, is the same for every sample.
+  m = api.load(runs['ftwt'], 'latest')
+  keep = {k: np.isin(np.arange(s['channels'][k]), v) for k, v in s['kept_indices'].items()}
+  m.variables = {'params': static.fixed_mask_params(m.variables['params'], keep),
+                 'batch_stats': m.variables['batch_stats']}
+  labels, logits, macs, masks = api_pass(m)
+  for name, mk in masks.items():
+    assert (mk == keep[name]).all(), name
+  assert s['top1'] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-9)
+  assert s['macs_exact'] == pytest.approx(macs.mean() - m.profile.head_macs, rel=1e-6)
+  assert 'static, same cost' in printed
+  with pytest.raises(ValueError, match='needs an FTWT'):
+    static.run_checkpoint(None, runs['dense'], 'latest')
 
 
 def test_evaluate_baseline_has_no_reduction(runs, capsys):
@@ -173,8 +213,12 @@ def test_report_ftwt_writes_plots_and_markdown(runs):
   md = report.write_report(runs['ftwt'])
   pngs = sorted(md.parent.glob('*.png'))
   assert {p.name for p in pngs} >= {'curves.png', 'active_ratio.png', 'accuracy_vs_flops.png',
-                                     'mask_heatmap.png'}
+                                     'mask_heatmap.png', 'dynamism.png'}
   text = md.read_text()
+  run = json.loads((runs['ftwt'] / 'static.json').read_text())   # the static control, drawn
+  assert run['step'] == checkpoint.resolve(runs['ftwt'], 'latest')[1]
+  assert 'Static control' in text and 'input-dependent channels, masks / targets' in text
+  assert ('effectively static' in text) == (run['dynamic']['dynamic_share'] < 0.05)
   for p in pngs:
     _check_png(p)
     assert f']({p.name})' in text

@@ -27,6 +27,7 @@ HEAD_WEIGHT_INITS = ('lecun_normal', 'torch_uniform')
 SHORTCUT_PADS = ('both', 'end')
 SHORTCUT_GRADS = ('flow', 'detached')
 BN_RUNNING_VARS = ('biased', 'unbiased')
+HEAD_NORMS = ('none', 'standardize')
 ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
 
 
@@ -53,6 +54,13 @@ class GateConfig:
     head_weight_init: 'lecun_normal' kernel and zero bias (Flax's Dense) or
       'torch_uniform' (PyTorch's default for the reference's head layer: kernel
       and bias uniform in +-1/sqrt(fan_in); SPEC 9.5).
+    head_norm: what the head's dense layer sees after pool (and softmax).
+      'none' (paper and reference): the softmax output itself, ~1/Cin per
+      channel plus small deviations, so that in a short run the mask loss
+      gradient moves the biases far more than the weights and the heads
+      settle on one input-independent mask. 'standardize': per sample,
+      subtract the mean over channels and divide by the standard deviation
+      (+1e-6), so the head's weights see O(1) inputs (issue 19).
     mask_source: which mask multiplies the output: the heads' 'predicted' mask
       (training and evaluation), the 'target' (FLOPs estimation before
       training) or 'ones' (no masking at all, not even SPEC 2.2's depthwise
@@ -67,6 +75,7 @@ class GateConfig:
   depthwise_rule: str = 'follow_input'
   head_weight_init: str = 'lecun_normal'
   mask_source: str = 'predicted'
+  head_norm: str = 'none'
 
   def __post_init__(self):
     _check_choice('gate.pool', self.pool, POOLS)
@@ -75,6 +84,7 @@ class GateConfig:
     _check_choice('gate.mode', self.mode, MODES)
     _check_choice('gate.criterion', self.criterion, ftwt.CRITERIA)
     _check_choice('gate.mask_source', self.mask_source, MASK_SOURCES)
+    _check_choice('gate.head_norm', self.head_norm, HEAD_NORMS)
     if self.criterion == 'mass':
       ftwt.check_mass_threshold(self.threshold)
     else:
@@ -185,6 +195,14 @@ class AvgPool(nn.Module):
     return nn.avg_pool(x, w, strides=w)
 
 
+def normalize_head_input(pooled: jax.Array, head_norm: str) -> jax.Array:
+  """GateConfig.head_norm on the (N, Cin) pooled head input."""
+  if head_norm == 'standardize':
+    centred = pooled - jnp.mean(pooled, axis=-1, keepdims=True)
+    return centred / (jnp.std(pooled, axis=-1, keepdims=True) + 1e-6)
+  return pooled
+
+
 class GatedConv(nn.Module):
   """conv -> BN -> act, optionally masked per sample by a predictor head (SPEC 2).
 
@@ -240,6 +258,7 @@ class GatedConv(nn.Module):
     pooled = (jnp.mean if gate.pool == 'avg' else jnp.max)(head_in, axis=(1, 2))
     if gate.softmax:
       pooled = jax.nn.softmax(pooled, axis=-1)
+    pooled = normalize_head_input(pooled, gate.head_norm)
     logits = nn.Dense(self.features, use_bias=True, name=HEAD_NAME,
                       **head_initializers(gate, cin))(pooled)
 
