@@ -2,8 +2,9 @@
 
 Modes: ``train`` (resumes automatically), ``evaluate`` (restore a checkpoint,
 write ``eval/<step>.json``), ``estimate`` (FLOPs a given r will cost, before
-dynamic training; or the r for ``--target_reduction``), ``report`` (PNG plots
-and ``report.md``).
+dynamic training; or the r for ``--target_reduction``), ``calibrate`` (shift a
+trained FTWT model's head decision threshold to ``--target_reduction``, written to
+the new workdir ``--out``), ``report`` (PNG plots and ``report.md``).
 """
 
 import os
@@ -16,9 +17,12 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, eval.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'report'], 'What to do.')
-flags.DEFINE_string('checkpoint', 'best', "evaluate: 'best', 'latest' or a step number.")
-flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'calibrate', 'report'],
+                  'What to do.')
+flags.DEFINE_string('checkpoint', 'best', "evaluate, calibrate: 'best', 'latest' or a step.")
+flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction; '
+                   'calibrate: the reduction to calibrate the heads to.')
+flags.DEFINE_string('out', None, 'calibrate: the new workdir the calibrated checkpoint goes to.')
 flags.DEFINE_float('estimate_examples', 512, 'estimate: training examples to sample.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
                   'auto-detected on TPU VMs and SLURM, else give the three flags below).')
@@ -60,6 +64,10 @@ def main(argv):
     from fttw_jax import estimate
     estimate.run(config, FLAGS.workdir, target_reduction=FLAGS.target_reduction,
                  num_examples=int(FLAGS.estimate_examples))
+  elif FLAGS.mode == 'calibrate':
+    from fttw_jax import budget
+    which = int(FLAGS.checkpoint) if FLAGS.checkpoint.isdigit() else FLAGS.checkpoint
+    budget.run_calibrate(config, FLAGS.workdir, FLAGS.out, FLAGS.target_reduction, which)
   else:
     from fttw_jax import report
     report.write_report(FLAGS.workdir, config)

@@ -370,8 +370,10 @@ def absolute(out) -> epath.Path:
   return epath.Path(out) if '://' in str(out) else epath.Path(os.path.abspath(out))
 
 
-def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -> None:
-  """Step 0 of ``out/checkpoints`` holding variables, config and meta (no optimizer state).
+def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False,
+                     step: int = 0) -> None:
+  """Step ``step`` of ``out/checkpoints`` holding variables, config and meta (no optimizer
+  state).
 
   ``opt_state`` is left out: a converted network has none, and orbax refuses an
   empty item; evaluation, ``init_from`` and the API restore variables only. If
@@ -389,7 +391,7 @@ def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -
   try:
     latest, best = checkpoint.create_managers(out)
     try:
-      latest.save(0, args=ocp.args.Composite(
+      latest.save(step, args=ocp.args.Composite(
           variables=ocp.args.StandardSave(variables),
           config=ocp.args.JsonSave(json.loads(cfg.to_json_best_effort())),
           meta=ocp.args.JsonSave(meta)))

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fttw_jax import checkpoint, data, flops, ftwt, models
+from fttw_jax import budget, checkpoint, data, flops, ftwt, models
 from fttw_jax import config as config_lib
 
 AXIS = 'data'
@@ -41,6 +41,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  budget: Any = None    # budget.BudgetState of a budget run (issue 15), else None
 
   @property
   def variables(self):
@@ -139,6 +140,8 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   """
   images = data.normalize(batch['image'], config.dataset)
   labels = batch['label']
+  if not head_init:
+    model = budget.with_threshold(model, state.budget)  # budget run: r from the state
   epoch = state.step // steps_per_epoch
   w = ftwt.mask_loss_weight(epoch, config.num_epochs, config.cooldown)
   if head_init:
@@ -172,6 +175,10 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   metrics = _mean_over_devices(_per_example_stats(logits, labels, gates, prof))
   metrics['loss'] = loss
   metrics['mask_loss_weight'] = w
+  if state.budget is not None and not head_init:  # issue 15: the controller's step
+    bs, metrics['budget'] = budget.train_step_update(
+        state.budget, state.step, metrics, config, steps_per_epoch, flops.dense_macs(prof))
+    new_state = new_state.replace(budget=bs)
   return new_state, metrics
 
 
@@ -372,6 +379,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   image_shape = (info.image_size, info.image_size, 3)
   prof = flops.profile(eval_model, (1, *image_shape))
   tx = create_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
+  # Issue 15: a fresh budget run plans its starting r and checks the target is reachable
+  # before anything is written; a resumed one reads its state from the checkpoint.
+  budget_plan = None
+  if config_lib.budget_target(config) is not None and budget.is_fresh(workdir):
+    budget_plan = budget.plan(config, steps_per_epoch)
 
   latest_mgr, best_mgr = checkpoint.create_managers(workdir, config.max_checkpoints)
   start_step = latest_mgr.latest_step()
@@ -397,6 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
           'stage': config.stage}
+  if budget_plan is not None:
+    state = replicate(state.replace(budget=budget.new_state(
+        budget_plan['initial_threshold'], budget_plan['gain'])), mesh)
   if start_step is not None:
     variables, opt_state, stored_meta = checkpoint.restore_train(
         latest_mgr, start_step, jax.device_get(state.variables),
@@ -404,7 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = replicate(state.replace(step=jnp.asarray(start_step, jnp.int32),
                                     params=variables['params'],
                                     batch_stats=variables['batch_stats'],
-                                    opt_state=opt_state), mesh)
+                                    opt_state=opt_state,
+                                    budget=budget.resumed_state(config, stored_meta)), mesh)
+    budget_plan = stored_meta.get('budget_plan')
     logging.info('resumed from %s at step %d', workdir / 'checkpoints', start_step)
   else:
     if config.init_from:
@@ -415,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn = make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
                             steps_per_epoch=steps_per_epoch)
   eval_fn = make_eval_step(mesh, model=eval_model, config=config, prof=prof)
+  calibrator = (budget.Calibrator(config, eval_model, prof, mesh, state, total_steps,
+                                  steps_per_epoch) if state.budget is not None else None)
 
   def run_eval(step):
     batches = data.create_eval_iterator(
@@ -422,6 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_examples=config.eval_max_examples if config.eval_max_examples > 0 else None)
     result = evaluate(eval_fn, state.variables, batches, mesh, prof, gated)
     result.update(step=step, epoch=step / steps_per_epoch, **meta)
+    if gated:
+      result.update(budget.eval_fields(config, budget.to_meta(state.budget, config)))
     if is_main:
       write_eval_json(workdir, step, result)
     writer.write(step, {k: v for k, v in result.items() if not isinstance(v, str)}, 'eval/')
@@ -429,9 +450,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step, result=None, force=False):
     m = dict(meta, step=step, epoch=step // steps_per_epoch)
+    if state.budget is not None:
+      m.update(budget=budget.to_meta(state.budget, config), budget_plan=budget_plan)
     host_vars, host_opt = jax.device_get(state.variables), jax.device_get(state.opt_state)
     checkpoint.save(latest_mgr, step, host_vars, host_opt, config, m, force=force)
-    if result is not None:
+    # A budget run's only checkpoint at the budget is the calibrated last one.
+    if result is not None and (state.budget is None or step == total_steps):
       checkpoint.save(best_mgr, step, host_vars, host_opt, config, m,
                       metrics={'top1': result['top1']})
 
@@ -440,6 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, result = [], None
   with _Preemption() as preemption:
     while step < total_steps:
+      if calibrator is not None and calibrator.due(step):  # the cooldown calibration
+        state = calibrator(state, step)
       batch = data.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
@@ -458,6 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       epoch = step // steps_per_epoch
       if end_of_epoch:
+        if calibrator is not None and step == total_steps and calibrator.due(step):
+          state = calibrator(state, step)  # the final calibration, before the last eval
         do_eval = epoch % config.eval_every_epochs == 0 or step == total_steps
         result = run_eval(step) if do_eval else None
         if result is not None:
