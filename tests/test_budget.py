@@ -182,3 +182,11 @@ def test_budget_needs_ftwt_stage_and_a_dense_start(runs, tmp_path):
     budget.run_calibrate(None, runs['run'], runs['run'] / 'x', 0.5)
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
   assert not (tmp_path / 'c').exists()
+
+
+def test_report_states_target_vs_realized(runs):
+  md = report.write_report(runs['run'], max_examples=128).read_text()
+  realized = 100 * runs['result']['flops_reduction_exact']
+  assert f'| FLOPs budget (exact count): target vs realized | 50.00 % vs {realized:.2f} %' in md
+  for png in ('accuracy_vs_flops.png', 'active_ratio.png'):
+    assert (runs['run'] / 'report' / png).stat().st_size > 0
