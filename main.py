@@ -3,8 +3,9 @@
 Modes: ``train`` (resumes automatically), ``evaluate`` (restore a checkpoint,
 write ``eval/<step>.json``), ``estimate`` (FLOPs a given r will cost, before
 dynamic training; or the r for ``--target_reduction``), ``static`` (the FTWT
-checkpoint vs static pruning at the same cost, ``static.json``), ``report`` (PNG
-plots and ``report.md``).
+checkpoint vs static pruning at the same cost, ``static.json``), ``calibrate``
+(shift a trained FTWT model's head decision threshold to ``--target_reduction``,
+written to the new workdir ``--out``), ``report`` (PNG plots and ``report.md``).
 
 Exit status: 0 done; 2 bad input (a config value or variant, a missing file, a
 ``--checkpoint`` choice, a workdir of another run: one line, no traceback unless
@@ -26,13 +27,16 @@ from fttw_jax import errors  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, logs, eval.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'static', 'report'],
-                  'What to do.')
-flags.DEFINE_string('checkpoint', 'best', "evaluate, static: 'best', 'latest' or a step number.")
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'estimate', 'static', 'calibrate',
+                                    'report'], 'What to do.')
+flags.DEFINE_string('checkpoint', 'best',
+                    "evaluate, static, calibrate: 'best', 'latest' or a step number.")
 flags.DEFINE_bool('overwrite', False, "train: discard the workdir's artefacts of another run "
                   '(checkpoints, eval, events, config.json, run.json, report) and start afresh.')
 flags.DEFINE_bool('debug', False, 'Print tracebacks for bad-input errors too.')
-flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction.')
+flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction; '
+                   'calibrate: the reduction to calibrate the heads to.')
+flags.DEFINE_string('out', None, 'calibrate: the new workdir the calibrated checkpoint goes to.')
 flags.DEFINE_float('estimate_examples', 512, 'estimate: training examples to sample.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
                   'auto-detected on TPU VMs and SLURM, else give the three flags below).')
@@ -91,6 +95,10 @@ def run(config) -> int:
   elif FLAGS.mode == 'static':
     from fttw_jax import checkpoint, static
     static.run_checkpoint(config, FLAGS.workdir, checkpoint.parse_which(FLAGS.checkpoint))
+  elif FLAGS.mode == 'calibrate':
+    from fttw_jax import budget, checkpoint
+    budget.run_calibrate(config, FLAGS.workdir, FLAGS.out, FLAGS.target_reduction,
+                         checkpoint.parse_which(FLAGS.checkpoint))
   else:
     from fttw_jax import report
     report.write_report(FLAGS.workdir, config)

@@ -5,7 +5,8 @@
       --config.init_from=workdirs/digits_dense
 
 Variants (after ':'): 'baseline' or 'ftwt' (default), plus ',smoke' for a
-few-step run that checks the plumbing.
+few-step run that checks the plumbing. The FTWT run asks for a FLOPs budget (60%
+exact reduction, fttw_jax/budget.py); ',r0.75' instead trains at a plain r = 0.75.
 """
 
 from fttw_jax.config import base_config
@@ -34,10 +35,14 @@ def get_config(arg: str = 'ftwt'):
     # get a 10x learning rate and start from all-on masks (head_init='ones').
     c.num_epochs = 30
     c.gate.threshold = 0.7
+    c.budget.target_reduction = 0.6   # r is found and steered by the budget
     c.head_init = 'ones'
     c.head_optimizer.learning_rate = 1.0
     c.optimizer.learning_rate = 0.02
     c.optimizer.schedule = 'cosine'
+  for p in parts:
+    if p.startswith('r') and p[1:].replace('.', '', 1).isdigit():
+      c.gate.threshold, c.budget.target_reduction = float(p[1:]), None
   if 'smoke' in parts:
     c.num_epochs = 2
     c.max_steps = 4

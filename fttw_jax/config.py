@@ -72,6 +72,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.head_init = 'random'        # | 'ones': one pass fitting heads to all-on masks first
   c.init_from = ''              # baseline workdir/checkpoint: backbone weights, fresh heads
 
+  # Budget-exact FTWT (fttw_jax/budget.py): ask for a FLOPs reduction instead of an r.
+  c.budget = ml_collections.ConfigDict()
+  c.budget.target_reduction = ml_collections.config_dict.placeholder(float)  # None = off
+  c.budget.accounting = 'exact'  # | 'paper': which count the target is in
+  c.budget.warmup = 0.3         # fraction of the mask-learning phase r stays at the estimate
+  c.budget.examples = 1024      # training examples for the estimate and the calibration
+
   c.batch_size = 128            # global, over all processes and devices
   c.num_epochs = 200
   c.seed = 0
@@ -172,6 +179,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(config[key], int) and config[key] >= 1):
       raise UserError(f'config.{key}={config[key]!r} must be an int >= 1')
   gate_config(config, mask_source='predicted')  # validates mode, pool, criterion, r / q
+  validate_budget(config)
+
+
+def budget_target(config) -> float | None:
+  """config.budget.target_reduction, or None when unset (also for configs saved before it)."""
+  budget = config.get('budget')
+  return None if budget is None else budget.get('target_reduction')
+
+
+def check_target_reduction(target, name='config.budget.target_reduction') -> None:
+  if not (isinstance(target, (int, float)) and 0.0 < target < 1.0):
+    raise UserError(f'{name}={target!r} is invalid: a FLOPs reduction must lie strictly '
+                     'between 0 and 1 (e.g. 0.6 for 60% fewer MACs than the dense model)')
+
+
+def validate_budget(config) -> None:
+  target = budget_target(config)
+  if target is None:
+    return
+  check_target_reduction(target)
+  b = config.budget
+  _choice('budget.accounting', b.accounting, ACCOUNTINGS)
+  if config.stage != 'ftwt':
+    raise UserError(f'config.budget.target_reduction={target!r} needs config.stage=\'ftwt\' '
+                     f'(got {config.stage!r}): a dense baseline has no masks to budget')
+  if not 0.0 <= b.warmup < 1.0:
+    raise UserError(f'config.budget.warmup={b.warmup!r} must be in [0, 1)')
+  if not (isinstance(b.examples, int) and b.examples > 0):
+    raise UserError(f'config.budget.examples={b.examples!r} must be a positive int')
 
 
 def gate_config(config, **overrides) -> models.GateConfig | None:

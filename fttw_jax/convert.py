@@ -540,8 +540,10 @@ def absolute(out) -> epath.Path:
   return epath.Path(out) if '://' in str(out) else epath.Path(os.path.abspath(out))
 
 
-def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -> None:
-  """Step 0 of ``out/checkpoints`` holding variables, config and meta (no optimizer state).
+def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False,
+                     step: int = 0) -> None:
+  """Step ``step`` of ``out/checkpoints`` holding variables, config and meta (no optimizer
+  state).
 
   ``opt_state`` is left out: a converted network has none, and orbax refuses an
   empty item; evaluation, ``init_from`` and the API restore variables only. If
@@ -558,7 +560,7 @@ def write_checkpoint(out, variables, cfg, meta: dict, overwrite: bool = False) -
   try:
     manager = checkpoint.create_manager(out)
     try:
-      manager.save(0, args=ocp.args.Composite(
+      manager.save(step, args=ocp.args.Composite(
           variables=ocp.args.StandardSave(variables),
           config=ocp.args.JsonSave(json.loads(cfg.to_json_best_effort())),
           meta=ocp.args.JsonSave(meta)))

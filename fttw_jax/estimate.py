@@ -84,15 +84,22 @@ def training_sample(config, num_examples: int) -> list:
       split=data.get_info(config.dataset).train_split, max_examples=num_examples))
 
 
-def make_cost_fn(model, prof: flops.Profile, dataset: str) -> Callable:
-  """jit(variables, images, weight, threshold) -> weighted per-sample cost sums.
+def with_threshold(model, variables, threshold):
+  """The knob of the estimate: the targets' threshold (r or q), applied as the masks."""
+  return model.clone(gate=dataclasses.replace(model.gate, threshold=threshold)), variables
 
-  The threshold is traced (the target criteria accept a traced r or q), so
-  every threshold reuses one compiled function.
+
+def make_cost_fn(model, prof: flops.Profile, dataset: str, knob: Callable = with_threshold):
+  """jit(variables, images, weight, value) -> weighted per-sample cost sums.
+
+  ``knob(model, variables, value) -> (model, variables)`` sets what is varied:
+  by default the target threshold (the criteria accept a traced r or q); the
+  budget's calibration varies a head-logit offset instead. The value is traced,
+  so every value reuses one compiled function.
   """
 
-  def cost(variables, images, weight, threshold):
-    gated = model.clone(gate=dataclasses.replace(model.gate, threshold=threshold))
+  def cost(variables, images, weight, value):
+    gated, variables = knob(model, variables, value)
     _, aux = gated.apply(variables, data.normalize(images, dataset), train=False)
     gates = aux['gates']
     stats = {'macs_exact': flops.exact_macs(prof, gates),
@@ -102,6 +109,23 @@ def make_cost_fn(model, prof: flops.Profile, dataset: str) -> Callable:
     return jax.tree.map(lambda v: jnp.sum(v * weight), stats)
 
   return jax.jit(cost)
+
+
+def sample_means(cost: Callable, variables, batches: list, mesh) -> tuple[Callable, int]:
+  """(value -> mean cost over ``batches``, number of real examples) for a ``make_cost_fn``
+  function; ``variables`` and ``batches`` already placed on ``mesh``."""
+  count = float(sum(np.sum(jax.device_get(b['mask'])) for b in batches))
+  scalar = NamedSharding(mesh, P())
+
+  def means(value: float) -> dict:
+    v = jax.device_put(jnp.asarray(value, jnp.float32), scalar)
+    sums = None
+    for b in batches:
+      s = cost(variables, b['image'], b['mask'], v)
+      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    return jax.tree.map(lambda x: float(x) / count, jax.device_get(sums))
+
+  return means, int(count)
 
 
 def build(config, workdir, num_examples: int = 512) -> Estimator:
@@ -120,19 +144,9 @@ def build(config, workdir, num_examples: int = 512) -> Estimator:
   mesh = train.make_mesh()
   variables = train.replicate(variables, mesh)
   batches = [data.shard_batch(b, mesh) for b in training_sample(config, num_examples)]
-  count = float(sum(np.sum(jax.device_get(b['mask'])) for b in batches))
-  cost = make_cost_fn(model, prof, config.dataset)
-  scalar = NamedSharding(mesh, P())
-
-  def means(threshold: float) -> dict:
-    t = jax.device_put(jnp.asarray(threshold, jnp.float32), scalar)
-    sums = None
-    for b in batches:
-      s = cost(variables, b['image'], b['mask'], t)
-      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-    return jax.tree.map(lambda v: float(v) / count, jax.device_get(sums))
-
-  return Estimator(means, prof, config.gate.criterion, int(count), source, step)
+  means, count = sample_means(make_cost_fn(model, prof, config.dataset), variables, batches,
+                              mesh)
+  return Estimator(means, prof, config.gate.criterion, count, source, step)
 
 
 def search(estimator: Estimator, target: float, key: str = 'flops_reduction_exact') -> dict:
@@ -171,9 +185,13 @@ def search(estimator: Estimator, target: float, key: str = 'flops_reduction_exac
 def run(config, workdir, target_reduction: float | None = None,
         num_examples: int = 512) -> dict:
   """Estimate the FLOPs of the configured threshold (and a sweep); optionally find
-  the threshold for ``target_reduction``. Writes ``W/estimate.json`` and prints it."""
+  the threshold for ``target_reduction`` (default: the config's budget, in its
+  accounting). Writes ``W/estimate.json`` and prints it."""
   est = build(config, workdir, num_examples)
   key = f'flops_reduction_{config.flops_accounting}'
+  if target_reduction is None and config_lib.budget_target(config) is not None:
+    target_reduction = config_lib.budget_target(config)
+    key = f'flops_reduction_{config.budget.accounting}'
   sweep = MASS_SWEEP if est.criterion == 'mass' else UNIFORM_SWEEP
   thresholds = sorted(set(sweep) | {float(config.gate.threshold)})
   result = {

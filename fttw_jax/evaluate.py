@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from fttw_jax import checkpoint, data, flops, train
+from fttw_jax import budget, checkpoint, data, flops, train
 from fttw_jax import config as config_lib
 from fttw_jax.errors import UserError
 
@@ -123,6 +123,7 @@ def evaluate_restored(r: Restored, max_examples: int | None = None) -> dict:
                 run_id=r.meta.get('run_id'))
   if r.gated:
     result['active_ratio'] = ordered_ratios(result['active_ratio'], r.profile)
+    result.update(budget.eval_fields(config, r.meta.get('budget')))
   return result
 
 

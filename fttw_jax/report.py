@@ -226,6 +226,13 @@ def plot_accuracy_vs_flops(run: dict, dense: dict | None, published, estimate: d
   if estimate is not None:
     ax.axvline(100 * estimate['flops_reduction_exact'], color=COLORS['dense'], ls='--', lw=1,
                label=f"estimated before training (r={estimate['threshold']:g}, exact)")
+  if 'target_reduction' in run:
+    acc = run['budget_accounting']
+    ax.axvline(100 * run['target_reduction'], color=COLORS[acc], ls=':', lw=1.5,
+               label=f"budget: target {100 * run['target_reduction']:.1f} % ({acc} count)")
+    ax.annotate(f"realized {100 * run[f'flops_reduction_{acc}']:.2f} %",
+                (100 * run[f'flops_reduction_{acc}'], top1), textcoords='offset points',
+                xytext=(-10, -16), ha='right', fontsize=8, color=COLORS[acc])
   ax.set_xlabel('FLOPs (MACs) reduction vs dense (%)')
   ax.set_ylabel('top-1 accuracy (%)')
   ax.set_title(title)
@@ -385,6 +392,12 @@ def summary_rows(run: dict, dense: dict | None, estimate: dict | None,
     s = static_run['static']
     rows.append(('static pruning at the same cost: top-1, reduction exact',
                  f"{_pct(s['top1'])}, {_pct(s['flops_reduction_exact'])}"))
+  if 'target_reduction' in run:
+    acc = run['budget_accounting']
+    rows.insert(3, (f'FLOPs budget ({acc} count): target vs realized',
+                    f"{_pct(run['target_reduction'])} vs {_pct(run[f'flops_reduction_{acc}'])} "
+                    f"(r = {run['threshold']:.4f}, head-logit offset "
+                    f"{run['logit_offset']:+.4f})"))
   if estimate is not None:
     rows.append((f"FLOPs reduction estimated from targets (r={estimate['threshold']:g})",
                  f"{_pct(estimate['flops_reduction_exact'])} exact, "
@@ -431,8 +444,9 @@ def write_report(workdir, config=None, which: str | int = 'latest',
   est_path = restored.workdir / 'estimate.json'
   estimate = None
   if est_path.exists():
-    saved = json.loads(est_path.read_text())
-    estimate = dict(saved['configured'], source=saved['source'])
+    saved = json.loads(est_path.read_text())  # a budget's search: the r training starts at
+    point = saved['search']['achieved'] if 'search' in saved else saved['configured']
+    estimate = dict(point, source=saved['source'])
   published = paper_results.matching(cfg.model, cfg.dataset, cfg.width)
   name = f'{cfg.model} x{cfg.width:g} on {cfg.dataset} ({cfg.stage})'
 

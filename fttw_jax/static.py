@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 
 from fttw_jax import data, evaluate, flops, ftwt, train
+from fttw_jax.errors import UserError
 from fttw_jax.models.gating import HEAD_NAME
 
 BISECTION_STEPS = 20
@@ -154,7 +155,7 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
   ``cost_examples`` examples, the final evaluation the whole of it.
   """
   if not restored.gated:
-    raise ValueError('the static control needs an FTWT (gated) checkpoint; '
+    raise UserError('the static control needs an FTWT (gated) checkpoint; '
                      f'{restored.workdir} holds a {restored.config.stage!r} run')
   cfg, prof = restored.config, restored.profile
   mesh = train.make_mesh()

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fttw_jax import checkpoint, data, flops, ftwt, models
+from fttw_jax import budget, checkpoint, data, flops, ftwt, models
 from fttw_jax import workdir as workdir_lib
 from fttw_jax import config as config_lib
 from fttw_jax.errors import CorruptCheckpointError, NonFiniteError, UserError
@@ -43,6 +43,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  budget: Any = None    # budget.BudgetState of a budget run (issue 15), else None
 
   @property
   def variables(self):
@@ -145,6 +146,8 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   """
   images = data.normalize(batch['image'], config.dataset)
   labels = batch['label']
+  if not head_init:
+    model = budget.with_threshold(model, state.budget)  # budget run: r from the state
   epoch = state.step // steps_per_epoch
   w = ftwt.mask_loss_weight(epoch, config.num_epochs, config.cooldown)
   if head_init:
@@ -181,6 +184,10 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
   metrics = _mean_over_devices(_per_example_stats(logits, labels, gates, prof))
   metrics['loss'] = loss
   metrics['mask_loss_weight'] = w
+  if state.budget is not None and not head_init:  # issue 15: the controller's step
+    bs, metrics['budget'] = budget.train_step_update(
+        state.budget, state.step, metrics, config, steps_per_epoch, flops.dense_macs(prof))
+    new_state = new_state.replace(budget=bs)
   return new_state, metrics
 
 
@@ -420,12 +427,12 @@ def write_eval_json(workdir, step: int, result: dict) -> epath.Path:
 # ------------------------------------------------------------------ main loop
 
 def restore_newest_intact(workdir, steps, state: TrainState, config, mesh):
-  """(state, step, corrupt steps) from the newest checkpoint that restores; a corrupt
-  newer one is reported (one line each) and passed over, never deleted here."""
+  """(state, step, corrupt steps, meta) from the newest checkpoint that restores; a
+  corrupt newer one is reported (one line each) and passed over, never deleted here."""
   corrupt = []
   for step in reversed(steps):
     try:
-      variables, opt_state, stored, _ = checkpoint.restore_train(
+      variables, opt_state, stored, meta = checkpoint.restore_train(
           workdir, step, jax.device_get(state.variables), jax.device_get(state.opt_state))
     except CorruptCheckpointError as e:
       logging.warning('%s; falling back to the previous checkpoint', e)
@@ -433,13 +440,14 @@ def restore_newest_intact(workdir, steps, state: TrainState, config, mesh):
       continue
     check_resumable(stored, config, workdir)
     restored = state.replace(step=jnp.asarray(step, jnp.int32), params=variables['params'],
-                             batch_stats=variables['batch_stats'], opt_state=opt_state)
-    return replicate(restored, mesh), step, corrupt
+                             batch_stats=variables['batch_stats'], opt_state=opt_state,
+                             budget=budget.resumed_state(config, meta))
+    return replicate(restored, mesh), step, corrupt, meta
   if corrupt:
     raise CorruptCheckpointError(
         f'no checkpoint in {workdir / checkpoint.CHECKPOINTS} can be read (steps {corrupt}, '
         'see above); fix or move them, or pass --overwrite to start over')
-  return state, None, corrupt
+  return state, None, corrupt, {}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -475,6 +483,10 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   plan = workdir_lib.inspect(workdir, config, overwrite)
+  # Issue 15: a fresh budget run plans its starting r and checks that the target is
+  # reachable before anything is written; a resumed one reads its state from the checkpoint.
+  fresh_budget = config_lib.budget_target(config) is not None and not plan.steps
+  budget_plan = budget.plan(config, steps_per_epoch) if fresh_budget else None
 
   model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=AXIS)
   eval_model = config_lib.model_from_config(config, info.num_classes)
@@ -484,7 +496,13 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   # An 'rbg' key: threefry-based init takes ~10x longer to compile on CPU.
   state = create_train_state(jax.random.key(config.seed, impl='rbg'), model, tx, image_shape,
                              mesh)
-  state, start_step, corrupt = restore_newest_intact(workdir, plan.steps, state, config, mesh)
+  state, start_step, corrupt, stored_meta = restore_newest_intact(workdir, plan.steps, state,
+                                                                  config, mesh)
+  if start_step is not None:
+    budget_plan = stored_meta.get('budget_plan')
+  elif budget_plan is not None:
+    state = replicate(state.replace(budget=budget.new_state(
+        budget_plan['initial_threshold'], budget_plan['gain'])), mesh)
   # A missing dataset fails here, before any write.
   train_iter = data.create_train_iterator(
       config.dataset, config.batch_size, seed=config.seed,
@@ -517,6 +535,8 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   step_fn = make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
                             steps_per_epoch=steps_per_epoch)
   eval_fn = make_eval_step(mesh, model=eval_model, config=config, prof=prof)
+  calibrator = (budget.Calibrator(config, eval_model, prof, mesh, state, total_steps,
+                                  steps_per_epoch) if state.budget is not None else None)
   meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
           'stage': config.stage, 'run_id': plan.run['run_id']}
 
@@ -526,6 +546,8 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
         max_examples=config.eval_max_examples if config.eval_max_examples > 0 else None)
     result = evaluate(eval_fn, state.variables, batches, mesh, prof, gated)
     result.update(step=step, epoch=step / steps_per_epoch, width=config.width, **meta)
+    if gated:
+      result.update(budget.eval_fields(config, budget.to_meta(state.budget, config)))
     if is_main:
       write_eval_json(workdir, step, result)
     writer.write(step, {k: v for k, v in result.items() if not isinstance(v, str)}, 'eval/')
@@ -537,9 +559,13 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   def save(step, result):
     """Only a state whose every step passed the finite check gets here."""
     m = dict(meta, step=step, epoch=step // steps_per_epoch)
+    if state.budget is not None:
+      m.update(budget=budget.to_meta(state.budget, config), budget_plan=budget_plan)
     host_vars, host_opt = jax.device_get(state.variables), jax.device_get(state.opt_state)
+    # A budget run's only best candidate is its calibrated last step.
+    best = result is not None and (state.budget is None or step == total_steps)
     checkpoint.save(manager, step, host_vars, host_opt, config, m,
-                    metrics=None if result is None else {'top1': result['top1']})
+                    metrics={'top1': result['top1']} if best else None)
 
   def is_eval_step(step):
     return step == total_steps or (step % steps_per_epoch == 0 and
@@ -552,11 +578,13 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.console)
   step, saved = start_step or 0, start_step
   pending, result = [], None
-  if start_step is not None and is_eval_step(step) and not checkpoint.has_metrics(
-      workdir, step):  # saved by a stop before its evaluation: evaluate it now
-    result = run_eval(step)
+  if (start_step is not None and is_eval_step(step) and not checkpoint.has_metrics(workdir, step)
+      and not (workdir / 'eval' / f'{step}.json').exists()):
+    result = run_eval(step)  # saved by a stop before its evaluation: evaluate it now
   try:
     while step < total_steps:
+      if calibrator is not None and calibrator.due(step):  # the cooldown calibration
+        state = calibrator(state, step)
       batch = data.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
@@ -569,6 +597,8 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
       if step % every == 0 or boundary or stop:
         _flush(writer, pending)
         pending = []
+      if calibrator is not None and step == total_steps and calibrator.due(step):
+        state = calibrator(state, step)  # the final calibration, before the last eval
       result = run_eval(step) if is_eval_step(step) else None
       if is_checkpoint_step(step) or (stop and step > (saved or 0)):
         save(step, result)   # an epoch boundary's evaluation first, even when stopping

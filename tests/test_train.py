@@ -166,7 +166,7 @@ def final_params(workdir):
 
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, data_dir):
   workdir = tmp_path / 'interrupted'
-  cmd = [sys.executable, str(REPO / 'main.py'), f'--config={REPO}/configs/default.py:ftwt',
+  cmd = [sys.executable, str(REPO / 'main.py'), f'--config={REPO}/configs/default.py:ftwt,r0.7',
          f'--workdir={workdir}', f'--config.data_dir={data_dir}', '--config.width=0.25',
          '--config.batch_size=128', '--config.num_epochs=3', '--config.model=resnet8', '--config.log_every_steps=2',
          '--config.eval_max_examples=128', '--config.seed=0']
@@ -188,7 +188,7 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, data_dir)
   # Resume in-process to the end; compare with an uninterrupted run.
   from configs import default
   def cfg():
-    c = default.get_config('ftwt')
+    c = default.get_config('ftwt,r0.7')
     c.data_dir, c.width, c.batch_size, c.num_epochs = data_dir, 0.25, 128, 3
     c.model = 'resnet8'
     c.log_every_steps, c.eval_max_examples = 2, 128
