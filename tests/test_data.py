@@ -372,3 +372,28 @@ def test_unprepared_dataset_fails_without_download(tmp_path, monkeypatch,
     data.create_eval_iterator(name, 8, data_dir=tmp_path)
   assert not calls and not prepares
   assert not any(tmp_path.rglob('*.tfrecord*'))
+
+
+def test_pipelines_write_no_autograph_files(digits_dir, tmp_path):
+  # tf.data functions go through autograph by default, which writes a
+  # `__autograph_generated_file*.py` into the temp dir per function and deletes
+  # them only at a clean exit: a killed or preempted run leaves them behind.
+  # The script lists its temp dir while still running. (Run as a file: under
+  # `python -c` autograph converts nothing.)
+  import os
+  import subprocess
+  import sys
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  script = tmp_path / 'read_both.py'
+  script.write_text(
+      'import os, tempfile\n'
+      'from fttw_jax import data\n'
+      f'next(data.create_train_iterator("digits", 64, seed=0, data_dir={str(digits_dir)!r}))\n'
+      f'next(data.create_eval_iterator("digits", 64, data_dir={str(digits_dir)!r}))\n'
+      'print(sorted(os.listdir(tempfile.gettempdir())))\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TMPDIR=str(scratch), PYTHONPATH=root)
+  proc = subprocess.run([sys.executable, str(script)], check=True, env=env,
+                        capture_output=True, text=True)
+  assert proc.stdout.strip().splitlines()[-1] == '[]'

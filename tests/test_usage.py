@@ -311,3 +311,48 @@ def test_api_sparse_batch_of_one_matches_dense(runs, kind):
     from fttw_jax import sparse_native
     assert isinstance(api.load(runs['ftwt'], 'latest', sparse=True)._sparse,
                       sparse_native.NativeSparseModel)
+
+
+# ------------------------------------------------------------------ installed package
+
+def test_installed_package_runs_the_research_api_from_elsewhere(runs, tmp_path):
+  """`pip install .` (here: into a target dir, offline, from a copy of the tree) gives a
+  package that research code outside the repo imports; the README's snippet runs on a
+  trained workdir, and the native kernel builds from the installed C++ source."""
+  import os
+  import shutil
+  import subprocess
+  import sys
+  skip_without_compiler()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src = tmp_path / 'src'
+  src.mkdir()
+  for name in ('pyproject.toml', 'requirements.txt', 'README.md'):
+    shutil.copy(os.path.join(root, name), src / name)
+  shutil.copytree(os.path.join(root, 'fttw_jax'), src / 'fttw_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  site = tmp_path / 'site'
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
+                  '--no-build-isolation', '--no-index', '--target', str(site), str(src)],
+                 check=True, capture_output=True)
+  shutil.rmtree(src)  # nothing may be read from the source tree afterwards
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  script = elsewhere / 'use_it.py'
+  script.write_text(
+      'import numpy as np\n'
+      'import fttw_jax\n'
+      'from fttw_jax import api\n'
+      f'm = api.load({str(runs["ftwt"])!r}, sparse="native")\n'
+      'images = np.zeros((1, 32, 32, 3), np.uint8)\n'
+      'logits, aux = m(images)\n'
+      'masks = m.masks(images)\n'
+      'print(fttw_jax.__file__, logits.shape, len(masks))\n')
+  env = dict(os.environ, PYTHONPATH=str(site), FTTW_JAX_CACHE=str(tmp_path / 'cache'))
+  proc = subprocess.run([sys.executable, str(script)], cwd=elsewhere, env=env,
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path, *rest = proc.stdout.strip().splitlines()[-1].split(' ', 1)
+  assert path.startswith(str(site)), path
+  assert rest == [f'(1, 10) {len(api.load(runs["ftwt"]).profile.masked)}']
+  assert list((tmp_path / 'cache').iterdir()), 'the native kernel was not built'

@@ -47,6 +47,12 @@ def _hide_accelerators_from_tf():
 _hide_accelerators_from_tf()
 
 
+def _plain(fn):
+  """A tf.data function traced as written: no autograph conversion, which writes
+  an `__autograph_generated_file*.py` into the temp dir for every function."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 # --------------------------------------------------------------- validation --
 
 def _processes(process_index, process_count):
@@ -134,8 +140,8 @@ def _read(builder, split, name) -> tf.data.Dataset:
   read_config = tfds.ReadConfig(options=_options(), try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders=_decoders(name), read_config=read_config)
-  return ds.map(lambda ex: {'image': ex['image'],
-                            'label': tf.cast(ex['label'], tf.int32)})
+  return ds.map(_plain(lambda ex: {'image': ex['image'],
+                                   'label': tf.cast(ex['label'], tf.int32)}))
 
 
 # -------------------------------------------------------------------- train --
@@ -157,12 +163,12 @@ def _epoch(epoch, *, blocks, seed, num_batches, batch_size, start_epoch,
   """
   key = tf.random.fold_in(tf.constant([seed, _SHUFFLE_STREAM], tf.int64),
                           epoch, alg='philox')
-  ds = blocks.enumerate().flat_map(
-      lambda b, block: _permute(block, tf.random.fold_in(key, b, alg='philox')))
+  ds = blocks.enumerate().flat_map(_plain(
+      lambda b, block: _permute(block, tf.random.fold_in(key, b, alg='philox'))))
   ds = ds.enumerate().take(num_batches * batch_size)
   skip = tf.where(epoch == start_epoch, skip_batches * batch_size, 0)
   ds = ds.skip(tf.cast(skip, tf.int64))
-  return ds.map(lambda index, ex: (epoch, index, ex))
+  return ds.map(_plain(lambda index, ex: (epoch, index, ex)))
 
 
 def _train_example(epoch, index, ex, *, name, seed, process_index):
@@ -207,8 +213,8 @@ def create_train_iterator(name: str, global_batch_size: int, *, seed: int,
       skip_batches=skip_batches)
   example_fn = functools.partial(_train_example, name=name, seed=seed,
                                  process_index=process_index)
-  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_fn)
-  ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(_plain(epoch_fn))
+  ds = ds.map(_plain(example_fn), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(ds.with_options(_options())))
 
@@ -244,8 +250,8 @@ def create_eval_iterator(name: str, global_batch_size: int, *, data_dir=None,
 
   eval_fn = _eval_fn(name)
   ds = _read(builder, local, name).map(
-      lambda ex: {'image': eval_fn(ex['image']), 'label': ex['label'],
-                  'mask': tf.constant(1.0, tf.float32)},
+      _plain(lambda ex: {'image': eval_fn(ex['image']), 'label': ex['label'],
+                         'mask': tf.constant(1.0, tf.float32)}),
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors(
       {'image': tf.zeros((info.image_size, info.image_size, 3), tf.uint8),
