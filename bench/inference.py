@@ -1,30 +1,39 @@
-"""Time dense, gated (masked dense) and sparse batch-1 inference; print one JSON object.
+"""Time dense, gated (masked dense), sparse and static inference; print one JSON object.
 
   python bench/inference.py --model vgg16_bn --batch 1 --steps 100 --warmup 10 --keep 0.5
-  python bench/inference.py --model resnet56 --checkpoint workdirs/x --steps 50
+  python bench/inference.py --model resnet56 --batch 32 --steps 10 --skip sparse,masked
+  python bench/inference.py --checkpoint workdirs/digits_ftwt --batch 8 --steps 50
 
 Timed forwards, all jitted, called in alternation (A B C ... A B C ...) so that
-drift on a shared machine hits each alike:
+drift on a shared machine hits each alike; each call runs one batch of ``--batch``
+distinct images (``images_per_s`` per column):
 
 * ``dense_flax``: the baseline network (no heads) through Flax ``apply``;
 * ``gated_flax``: the gated network through Flax ``apply`` (masked dense),
   jitted to return the logits only, as ``api.Model.predict``: XLA then drops the
   training targets that ``apply`` also computes (a sort per layer);
 * ``dense``: the baseline network with BN folded into the convs and the same
-  conv kernels (``fttw_jax.sparse.conv2d``) as the sparse path;
+  conv kernels (``fttw_jax.sparse.xla.conv2d``) as the XLA sparse path, the
+  batch through each conv at once;
 * ``masked``: heads + masks at full width with those same kernels;
-* ``sparse``: ``fttw_jax.sparse.SparseModel.predict`` (narrow convs on active
-  channels, in XLA);
+* ``sparse``: ``fttw_jax.sparse.xla.SparseModel.predict`` (narrow convs on active
+  channels, in XLA; batches sample by sample);
 * ``native_dense``, ``native_masked``, ``native_sparse``: the same three with one
-  C++ custom call per conv (``fttw_jax.sparse_native``; on CPU where a C++
-  compiler is at hand; ``native`` in the JSON says why when they are absent).
+  C++ custom call per conv (``fttw_jax.sparse.native``; a batch's samples split
+  across the threads; on CPU where a C++ compiler is at hand; ``native`` in the
+  JSON says why when they are absent);
+* ``static``: the statically pruned network (``fttw_jax.sparse.static``): per
+  gated layer the k channels most often on over the checked images, k = the
+  rounded mean kept count, as physically narrower dense convs (no heads).
 
-``sparse_speedup`` (XLA) and ``native_sparse_speedup`` = the fastest median of
-all the dense columns (``dense_flax``, ``dense``, ``masked``, ``native_dense``,
-``native_masked``) / the sparse median: the masked forward does all the dense
-work plus the heads, so when it is the faster one the dense timings hit a
-compiler pathology, and a slow dense implementation must not flatter the sparse
-path.
+``sparse_speedup`` (XLA), ``native_sparse_speedup`` and ``static_speedup`` = the
+fastest median of all the dense columns (``dense_flax``, ``dense``, ``masked``,
+``native_dense``, ``native_masked``; named in ``fastest_dense``) / that column's
+median: the masked forward does all the dense work plus the heads, so when it is
+the faster one the dense timings hit a compiler pathology, and a slow dense
+implementation must not flatter the sparse path. ``flops_bound_speedup`` =
+1 / (1 - exact FLOPs reduction). Every run first checks each sparse column
+against ``model.apply`` on every batch (per-sample logits and masks).
 
 Masks: by default synthetic and seeded: every head's bias is set to +-0.1 with
 probability ``--keep`` of +, its kernel to 1e-3 noise, so each layer keeps ~keep
@@ -58,7 +67,7 @@ NO_YNN_FUSION = '--xla_cpu_experimental_ynn_fusion_type='
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='resnet56')
-  p.add_argument('--batch', type=int, default=1, help='samples per call (sparse: one by one)')
+  p.add_argument('--batch', type=int, default=1, help='images per call')
   p.add_argument('--steps', type=int, default=100)
   p.add_argument('--warmup', type=int, default=10)
   p.add_argument('--keep', type=float, default=0.5,
@@ -71,13 +80,14 @@ def parse_args(argv=None):
   p.add_argument('--dataset', default='cifar10', help='synthetic: sets input size and classes')
   p.add_argument('--device', default=None, choices=('cpu', 'gpu'))
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--samples', type=int, default=8, help='distinct inputs cycled through')
+  p.add_argument('--samples', type=int, default=8,
+                 help='distinct inputs cycled through (at least one batch)')
   p.add_argument('--levels', type=int, default=16, help='sparse: capacity buckets per layer')
   p.add_argument('--band', type=int, default=2, help='sparse: in/out level pairs with a branch')
   p.add_argument('--rows-max-pixels', type=int, default=16)
   p.add_argument('--min-channels', type=int, default=32)
-  p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax '
-                 '(native_sparse: every native column)')
+  p.add_argument('--skip', default='', help='comma list of timings to skip, e.g. gated_flax,'
+                 'sparse,masked (slow at large batches); native_sparse: every native column')
   p.add_argument('--xla-flags', default=None,
                  help=f'replace XLA_FLAGS (default: append {NO_YNN_FUSION})')
   args = p.parse_args(argv)
@@ -191,19 +201,25 @@ def load_checkpoint(args):
 
 
 def inputs(args, dataset, size, from_data: bool):
-  """(samples, 1, H, W, 3) float32: eval images when asked and available, else N(0, 1)."""
+  """(batches, batch, H, W, 3) float32, all images distinct: max(--samples, --batch)
+  of them (whole batches); eval images when asked and available, else N(0, 1)."""
   import numpy as np
+  batches = max(1, args.samples // args.batch)
+  n = batches * args.batch
+  shape = (batches, args.batch, size, size, 3)
   if from_data:
     try:
       from fttw_jax import data
-      batch = next(iter(data.create_eval_iterator(dataset, args.samples)))
+      batch = next(iter(data.create_eval_iterator(dataset, n)))
       images = np.asarray(data.normalize(batch['image'], dataset), np.float32)
-      return images[:, None], 'eval images'
+      if len(images) == n:
+        return images.reshape(shape), 'eval images'
+      print(f'note: {len(images)} eval images, fewer than {n}; using N(0,1)', file=sys.stderr)
     except Exception as e:  # pylint: disable=broad-except
       print(f'note: eval images unavailable ({type(e).__name__}: {e}); using N(0,1)',
             file=sys.stderr)
   rng = np.random.default_rng(args.seed + 1)
-  return rng.standard_normal((args.samples, 1, size, size, 3)).astype(np.float32), 'N(0,1)'
+  return rng.standard_normal(shape).astype(np.float32), 'N(0,1)'
 
 
 def stats(times_s):
@@ -222,12 +238,12 @@ DENSE_COLUMNS = ('dense_flax', 'dense', 'masked', 'native_dense', 'native_masked
 def native_unavailable():
   """Why the native columns cannot run here, or None when they can."""
   import jax
-  from fttw_jax import native
+  from fttw_jax.sparse import kernel
   if jax.default_backend() != 'cpu':
     return f'CPU only (default backend: {jax.default_backend()})'
   try:
-    native.ensure()
-  except native.NativeUnavailable as e:
+    kernel.ensure()
+  except kernel.NativeUnavailable as e:
     return f'unavailable: {str(e).splitlines()[0]}'
   return None
 
@@ -238,7 +254,8 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fttw_jax import data, flops, sparse, sparse_native
+  from fttw_jax import data, flops
+  from fttw_jax.sparse import native, static, xla
 
   if args.device:
     try:
@@ -256,13 +273,12 @@ def main(argv=None):
   name = type(model).__name__ if args.checkpoint else args.model
   size = data.get_info(dataset).image_size
   xs, input_kind = inputs(args, dataset, size, from_data=bool(args.checkpoint))
-  xs = np.repeat(xs, args.batch, axis=1)  # (S, B, H, W, 3)
-  xs = jnp.asarray(xs)
+  xs = jnp.asarray(xs)    # (batches, B, H, W, 3)
 
   baseline = model.clone(gate=None)
   base_vars = {'params': _strip_heads(variables['params']),
                'batch_stats': variables['batch_stats']}
-  sm = sparse.SparseModel.from_variables(model, variables, levels=args.levels, band=args.band,
+  sm = xla.SparseModel.from_variables(model, variables, levels=args.levels, band=args.band,
                                          rows_max_pixels=args.rows_max_pixels,
                                          min_channels=args.min_channels)
   dense_apply = jax.jit(lambda v, x: baseline.apply(v, x, train=False)[0])
@@ -280,24 +296,26 @@ def main(argv=None):
   nm = None
   if native_status is None:
     native_status = 'ok'
-    nm = sparse_native.NativeSparseModel.from_variables(model, variables)
+    nm = native.NativeSparseModel.from_variables(model, variables)
     fns.update({'native_dense': nm.dense, 'native_masked': lambda x: nm.masked_dense(x)[0],
                 'native_sparse': nm.predict})
+  if 'dense' in skip:
+    raise SystemExit('--skip dense: the speedups need it')
   for k in skip:
-    if k in ('dense', 'sparse'):
-      raise SystemExit(f'--skip {k}: the speedup needs it')
     fns.pop(k, None)
+  if 'sparse' not in fns and 'native_sparse' not in fns:
+    raise SystemExit('--skip: nothing sparse left to time')
 
   compile_s = {}
   for k, f in fns.items():
     t0 = time.perf_counter()
     jax.block_until_ready(f(xs[0]))
     compile_s[k] = round(time.perf_counter() - t0, 2)
-  # Correctness and exact FLOPs of the masks actually timed.
+  # Correctness (per sample) and exact FLOPs of the masks actually timed.
   prof = flops.profile(model, (1, size, size, 3))
-  runners = {'sparse': sm, 'native_sparse': nm} if nm else {'sparse': sm}
+  runners = {k: r for k, r in (('sparse', sm), ('native_sparse', nm)) if k in fns}
   errs, mask_ok = {k: [] for k in runners}, {k: True for k in runners}
-  reds, keeps = [], []
+  reds, keeps, masks = [], [], {}
   for x in xs:
     ref, aux = gated_apply(variables, x)
     gates = aux['gates']
@@ -307,6 +325,15 @@ def main(argv=None):
       mask_ok[k] &= all(np.array_equal(gates[g]['mask'], saux[g]['mask']) for g in gates)
     reds.append(float(flops.reduction(flops.exact_macs(prof, gates), flops.dense_macs(prof))))
     keeps.append(float(np.mean([np.mean(g['mask']) for g in gates.values()])))
+    for g, v in gates.items():
+      masks.setdefault(g, []).append(np.asarray(v['mask']))
+  if 'static' not in skip:
+    keep = static_channels({g: np.concatenate(m) for g, m in masks.items()})
+    st = static.StaticModel.from_variables(model, variables, keep)
+    t0 = time.perf_counter()
+    jax.block_until_ready(st.predict(xs[0]))
+    compile_s['static'] = round(time.perf_counter() - t0, 2)
+    fns['static'] = st.predict
 
   times = {k: [] for k in fns}
   for step in range(args.warmup + args.steps):
@@ -317,31 +344,50 @@ def main(argv=None):
       if step >= args.warmup:
         times[k].append(time.perf_counter() - t0)
 
-  result = {k: stats(v) for k, v in times.items()}
+  result = {k: {**stats(v), 'images_per_s': round(args.batch / float(np.median(v)), 1)}
+            for k, v in times.items()}
   med = {k: v['median_ms'] for k, v in result.items()}
   dense_best = min(med[k] for k in DENSE_COLUMNS if k in med)
-  ratios = np.asarray(times['dense']) / np.asarray(times['sparse'])
   out = {
       'model': name, 'width': width, 'dataset': dataset, 'batch': args.batch,
-      'steps': args.steps, 'warmup': args.warmup, 'samples': len(xs), 'inputs': input_kind,
-      'masks': mask_source, 'mean_keep': round(float(np.mean(keeps)), 4),
+      'steps': args.steps, 'warmup': args.warmup, 'samples': int(xs.shape[0] * xs.shape[1]),
+      'inputs': input_kind, 'masks': mask_source, 'mean_keep': round(float(np.mean(keeps)), 4),
       'exact_flops_reduction': round(float(np.mean(reds)), 4),
+      'flops_bound_speedup': round(1 / (1 - float(np.mean(reds))), 3),
       'dense_macs': int(flops.dense_macs(prof)),
+      'fastest_dense': min((k for k in DENSE_COLUMNS if k in med), key=med.get),
       'times': result,
-      'sparse_speedup': round(dense_best / med['sparse'], 3),
-      'sparse_speedup_vs': {k: round(med[k] / med['sparse'], 3) for k in med if k != 'sparse'},
-      'sparse_speedup_median_of_ratios_vs_dense': round(float(np.median(ratios)), 3),
-      'max_abs_logit_err': float(max(errs['sparse'])), 'masks_equal': mask_ok['sparse'],
       'native': native_status,
-      **({'native_sparse_speedup': round(dense_best / med['native_sparse'], 3),
-          'native_max_abs_logit_err': float(max(errs['native_sparse'])),
-          'native_masks_equal': mask_ok['native_sparse']} if nm else {}),
       'compile_s': compile_s,
       'policy': {'levels': args.levels, 'band': args.band, 'rows_max_pixels': args.rows_max_pixels,
                  'min_channels': args.min_channels},
       **machine(),
   }
+  for k, prefix in (('sparse', ''), ('native_sparse', 'native_')):
+    if k in runners:
+      out.update({f'{k}_speedup': round(dense_best / med[k], 3),
+                  f'{prefix}max_abs_logit_err': float(max(errs[k])),
+                  f'{prefix}masks_equal': mask_ok[k]})
+  if 'sparse' in runners:
+    ratios = np.asarray(times['dense']) / np.asarray(times['sparse'])
+    out['sparse_speedup_vs'] = {k: round(med[k] / med['sparse'], 3) for k in med if k != 'sparse'}
+    out['sparse_speedup_median_of_ratios_vs_dense'] = round(float(np.median(ratios)), 3)
+  if 'static' in med:
+    out['static_speedup'] = round(dense_best / med['static'], 3)
+    out['static_kept'] = {g: len(v) for g, v in keep.items()}
   print(json.dumps(out))
+
+
+def static_channels(masks: dict) -> dict:
+  """Per layer, the k channels most often on over the (S, C) masks, k = round(mean
+  kept count) (ties: lower index): the static network with the dynamic one's cost."""
+  import numpy as np
+  keep = {}
+  for g, m in masks.items():
+    counts = m.sum(axis=0)
+    k = max(1, int(round(float(counts.sum()) / m.shape[0])))
+    keep[g] = np.sort(np.argsort(-counts, kind='stable')[:k])
+  return keep
 
 
 def _strip_heads(params):

@@ -9,13 +9,18 @@ few-step run that checks the plumbing. The FTWT run asks for a FLOPs budget (60%
 exact reduction, fttw_jax/budget.py); ',r0.75' instead trains at a plain r = 0.75.
 """
 
+import re
+
 from fttw_jax.config import base_config
 from fttw_jax.errors import UserError
 from fttw_jax.recipes import variants
 
+PLAIN_R = r'r(0(\.\d+)?|1(\.0+)?)'   # ',r0.75': a plain r instead of the FLOPs budget
+
 
 def get_config(arg: str = 'ftwt'):
-  parts = variants(arg, ('baseline', 'ftwt', 'smoke'))
+  parts = variants(arg, ('baseline', 'ftwt', 'smoke'), pattern=PLAIN_R,
+                   hint='r<threshold in [0, 1]>, e.g. r0.75')
   if 'baseline' in parts and 'ftwt' in parts:
     raise UserError(f"config variant {arg!r} names both 'baseline' and 'ftwt'; pick one")
   stage = 'baseline' if 'baseline' in parts else 'ftwt'
@@ -41,7 +46,7 @@ def get_config(arg: str = 'ftwt'):
     c.optimizer.learning_rate = 0.02
     c.optimizer.schedule = 'cosine'
   for p in parts:
-    if p.startswith('r') and p[1:].replace('.', '', 1).isdigit():
+    if re.fullmatch(PLAIN_R, p):
       c.gate.threshold, c.budget.target_reduction = float(p[1:]), None
   if 'smoke' in parts:
     c.num_epochs = 2

@@ -112,17 +112,17 @@ SPARSE_KINDS = (True, 'native', 'xla')
 def _sparse_model(model, variables, kind):
   """The batch-1 sparse runner ``kind`` names, or a clear error when it cannot be had.
 
-  True picks the C++ custom call (``fttw_jax.sparse_native``) on CPU where a
-  compiler is at hand, else the XLA path (``fttw_jax.sparse``).
+  True picks the C++ custom call (``fttw_jax.sparse.native``) on CPU where a
+  compiler is at hand, else the XLA path (``fttw_jax.sparse.xla``).
   """
-  from fttw_jax import native, sparse, sparse_native
+  from fttw_jax.sparse import kernel, native, xla
   if kind not in SPARSE_KINDS:
     raise ValueError(f'sparse={kind!r} is invalid; valid values: False, {SPARSE_KINDS}')
   if kind is True:
-    kind = 'native' if jax.default_backend() == 'cpu' and native.available() else 'xla'
+    kind = 'native' if jax.default_backend() == 'cpu' and kernel.available() else 'xla'
   if kind == 'native':
-    return sparse_native.NativeSparseModel.from_variables(model, variables)
-  return sparse.SparseModel.from_variables(model, variables)
+    return native.NativeSparseModel.from_variables(model, variables)
+  return xla.SparseModel.from_variables(model, variables)
 
 
 def load(path, which: str | int = 'best', sparse: bool | str = False) -> Model:
@@ -133,8 +133,8 @@ def load(path, which: str | int = 'best', sparse: bool | str = False) -> Model:
   checkpoint whose arrays do not fit its config raises ValueError.
 
   ``sparse``: batches of one run only the channels their masks keep. 'native':
-  one C++ custom call per conv on CPU (``fttw_jax.sparse_native``, built on first
-  use with the machine's compiler); 'xla': pure XLA (``fttw_jax.sparse``, any
+  one C++ custom call per conv on CPU (``fttw_jax.sparse.native``, built on first
+  use with the machine's compiler); 'xla': pure XLA (``fttw_jax.sparse.xla``, any
   backend); True: 'native' where it can be had, else 'xla'. Measured speedups
   over dense: bench/RESULTS.md.
   """

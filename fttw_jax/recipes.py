@@ -11,18 +11,24 @@ few steps to check the plumbing on a new machine.
 
 from __future__ import annotations
 
+import re
+
 from fttw_jax.config import base_config
 from fttw_jax.errors import UserError
 
 CIFAR_DECAY_EPOCHS = (81, 122, 151)
 
 
-def variants(arg: str, valid) -> list[str]:
-  """The comma-separated parts of a config-string variant, each one of ``valid``."""
+def variants(arg: str, valid, pattern: str | None = None, hint: str = '') -> list[str]:
+  """The comma-separated parts of a config-string variant, each one of ``valid`` or a
+  full match of the regex ``pattern`` (a parametrised variant such as ``r0.75``, which
+  ``hint`` describes in the error)."""
   parts = [p for p in (arg or '').split(',') if p]
-  unknown = [p for p in parts if p not in valid]
+  unknown = [p for p in parts
+             if p not in valid and not (pattern and re.fullmatch(pattern, p))]
   if unknown:
-    raise UserError(f'unknown config variant(s) {unknown}; valid: {list(valid)}')
+    also = f' or {hint or pattern}' if pattern else ''
+    raise UserError(f'unknown config variant(s) {unknown}; valid: {list(valid)}{also}')
   return parts
 
 

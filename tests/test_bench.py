@@ -32,15 +32,32 @@ def test_inference_bench_checks_sparse_against_apply():
                    '--samples', '2', '--keep', '0.5', '--min-channels', '8', '--levels', '2')
   assert out['masks_equal'] and out['max_abs_logit_err'] < 1e-4
   assert 0.3 < out['exact_flops_reduction'] < 0.9 and out['mean_keep'] == pytest.approx(0.5, 0.1)
-  columns = {'dense_flax', 'gated_flax', 'dense', 'masked', 'sparse'}
-  assert out['sparse_speedup'] > 0
+  assert out['flops_bound_speedup'] == pytest.approx(1 / (1 - out['exact_flops_reduction']), 1e-2)
+  columns = {'dense_flax', 'gated_flax', 'dense', 'masked', 'sparse', 'static'}
+  assert out['sparse_speedup'] > 0 and out['static_speedup'] > 0
   if out['native'] == 'ok':
     assert out['native_masks_equal'] and out['native_max_abs_logit_err'] < 1e-4
     assert out['native_sparse_speedup'] > 0
     columns |= {'native_dense', 'native_masked', 'native_sparse'}
   else:
     assert out['native'].startswith('unavailable') and not shutil.which(os.environ.get('CXX', 'c++'))
-  assert set(out['times']) == columns
+  assert set(out['times']) == columns and out['fastest_dense'] in columns
+  # exact synthetic masks keep round(0.5 * C) per layer: the static network the same
+  assert out['static_kept']['stem'] == 8 and out['static_kept']['layer3_0/conv2'] == 32
+
+
+def test_inference_bench_batches():
+  """--batch N: distinct images per call, images/s per column, checked per sample."""
+  out = bench_json('inference.py', '--model', 'resnet8', '--steps', '2', '--warmup', '1',
+                   '--batch', '3', '--keep', '0.5', '--skip', 'sparse,masked,gated_flax')
+  assert out['batch'] == 3 and out['samples'] == 6        # two batches of 3 (--samples 8)
+  assert 'sparse' not in out['times'] and 'native_sparse_speedup' in out or out['native'] != 'ok'
+  for col in out['times'].values():
+    assert col['images_per_s'] == pytest.approx(3e3 / col['median_ms'], rel=0.05)
+  if out['native'] == 'ok':
+    assert out['native_masks_equal'] and out['native_max_abs_logit_err'] < 1e-4
+  proc = run_bench('inference.py', '--model', 'resnet8', '--skip', 'sparse,native_sparse')
+  assert proc.returncode != 0 and 'nothing sparse' in proc.stderr
 
 
 def test_profile_ops_counts_ops_per_forward():

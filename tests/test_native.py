@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fttw_jax import models, native, sparse_native
+from fttw_jax import models
+from fttw_jax.sparse import kernel, native, walkers
 from helpers import (assert_matches_apply, assert_off_and_on, init_gated, set_heads,
                      skip_without_compiler, strip_heads, with_gate)
 
@@ -21,7 +22,13 @@ from helpers import (assert_matches_apply, assert_off_and_on, init_gated, set_he
 @pytest.fixture(autouse=True)
 def compiled():
   skip_without_compiler()
-  native.ensure()
+  kernel.ensure()
+
+
+def layer(x, w, b, head=None, residual=None, **options):
+  """``kernel.gated_conv`` on one CHW sample (a batch of one): (y, logits, mask)."""
+  res = None if residual is None else np.asarray(residual)[None]
+  return [a[0] for a in kernel.gated_conv(np.asarray(x)[None], w, b, head, res, **options)]
 
 
 def reference(x, w, b, head, residual, stride, relu, post_relu, after_block, pool, softmax):
@@ -71,13 +78,13 @@ def test_layer_matches_reference(cin, h, cout, k, stride):
                                 pool, softmax)
     assert 0 < float(jnp.mean(ref_logits > 0)) < 1
     for sparse in (True, False):
-      y, logits, mask = native.gated_conv(
+      y, logits, mask = layer(
           x, w, b, head, res, stride=stride, relu=relu, post_relu=post_relu,
           after_block=after_block, pool=pool, softmax=softmax, sparse=sparse)
       np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4, err_msg=f'{i} {sparse}')
       np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
       np.testing.assert_array_equal(mask, np.asarray(ref_logits) > 0)
-  y, logits, mask = native.gated_conv(x, w, b, None, None, stride=stride, relu=False)  # plain
+  y, logits, mask = layer(x, w, b, None, None, stride=stride, relu=False)  # plain
   np.testing.assert_allclose(y, reference(x, w, b, None, None, stride, False, 0, 0, 0, 0)[0],
                              atol=2e-4, rtol=1e-4)
   assert not np.any(logits) and np.all(mask == 1)
@@ -101,7 +108,7 @@ def test_depthwise_layer(c, h, stride):
   keep = (np.asarray(logits) > 0) & ~zero
   assert 0 < keep.sum() < (~zero).sum()          # the head switches off live channels too
   for sparse in (True, False):
-    y, out_logits, mask = native.gated_conv(x, w, b, head, stride=stride, depthwise=True,
+    y, out_logits, mask = layer(x, w, b, head, stride=stride, depthwise=True,
                                             sparse=sparse)
     np.testing.assert_array_equal(mask, keep.astype(np.float32))
     np.testing.assert_allclose(out_logits, logits, atol=1e-5)
@@ -116,7 +123,7 @@ def test_layer_all_off_and_all_on(bias):
   b = rng.standard_normal(16).astype(np.float32)
   head = (np.zeros((8, 16), np.float32), np.full(16, bias, np.float32))
   residual = rng.standard_normal((16, 16, 16)).astype(np.float32)
-  y, _, _ = native.gated_conv(x, w, b, head, residual, relu=False)
+  y, _, _ = layer(x, w, b, head, residual, relu=False)
   ref, _ = reference(x, w, b, head, residual, 1, False, True, False, 'avg', True)
   np.testing.assert_allclose(y, ref, atol=2e-4, rtol=1e-4)
   if bias < 0:    # every output switched off: the block passes relu(residual) through
@@ -124,7 +131,7 @@ def test_layer_all_off_and_all_on(bias):
 
 
 def check_equal(model, variables, x):
-  nm = sparse_native.NativeSparseModel.from_variables(model, variables)
+  nm = native.NativeSparseModel.from_variables(model, variables)
   gates, ref = assert_matches_apply(nm, model, variables, x)
   np.testing.assert_allclose(nm.predict(x), ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(nm.masked_dense(x)[0], ref, atol=1e-4, rtol=1e-4)
@@ -154,44 +161,83 @@ def test_gate_options(gate):
   check_equal(with_gate(model, **gate), set_heads(variables, seed=2)[0], x)
 
 
-def test_batches_run_sample_by_sample():
-  model, variables, x = init_gated('resnet20', batch=3, width=0.5, seed=4)
+def test_layer_batch_splits_samples():
+  """A batch (samples split across threads: 5 x 2.4M MACs, above the hand-off size)
+  equals its samples run one by one, each with its own mask."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((5, 16, 32, 32)).astype(np.float32)
+  x[rng.random((5, 16)) < 0.4] = 0                   # different zero channels per sample
+  x *= np.arange(1, 6, dtype=np.float32)[:, None, None, None]
+  w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+  b = rng.standard_normal(16).astype(np.float32)
+  k = rng.standard_normal((16, 16))
+  head = ((30 * (k - k.mean(axis=0))).astype(np.float32), np.zeros(16, np.float32))
+  residual = rng.standard_normal((5, 16, 32, 32)).astype(np.float32)
+  y, logits, mask = kernel.gated_conv(x, w, b, head, residual, relu=False)
+  assert len({tuple(m) for m in np.asarray(mask)}) > 1          # the masks differ
+  for i in range(5):
+    ref, ref_logits = reference(x[i], w, b, head, residual[i], 1, False, True, False, 'avg',
+                                True)
+    np.testing.assert_allclose(y[i], ref, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits[i], ref_logits, atol=1e-5)
+    for got, one in zip((y, logits, mask), layer(x[i], w, b, head, residual[i], relu=False)):
+      np.testing.assert_array_equal(got[i], one)                 # bit for bit
+
+
+def test_batches_equal_apply_per_sample():
+  """Input-dependent masks at batch 8 (half-width resnet20: the stage-1 convs, 4.7M
+  MACs a batch, are above the hand-off size, so the samples run on both threads)
+  equal model.apply's."""
+  model, variables, x = init_gated('resnet20', batch=8, width=0.5, seed=4)
   variables = set_heads(variables, seed=3)[0]
-  x = x * jnp.arange(1, 4).reshape(3, 1, 1, 1)       # three different samples
-  nm = check_equal(model, variables, x)[1]
+  rng = np.random.default_rng(0)
+  for path in ('stem', 'layer1_0/conv1', 'layer2_1/conv2'):
+    head = variables['params']
+    for key in path.split('/'):
+      head = head[key]
+    head = head[models.gating.HEAD_NAME]
+    k = rng.standard_normal(head['kernel'].shape)
+    head['kernel'] = (1e3 * (k - k.mean(axis=0))).astype(np.float32)
+    head['bias'] = np.zeros_like(head['bias'])
+  gates, nm = check_equal(model, variables, x)
+  assert any(len({tuple(m) for m in np.asarray(g['mask'])}) > 1 for g in gates.values())
+  for i in (0, 5):      # one sample alone gives its row of the batch
+    np.testing.assert_allclose(nm.predict(x[i]), nm.predict(x)[i:i + 1], atol=1e-5)
   assert nm(x[0])[0].shape == (1, 10)                 # one (H, W, C) image
 
 
 def test_errors():
   x, b = np.ones((4, 2, 2), np.float32), np.zeros(12, np.float32)
   with pytest.raises(Exception, match=r'w \(Cout,Cin,k,k\)'):    # checked by the kernel
-    native.gated_conv(x, np.ones((12, 5, 3, 3), np.float32), b)
+    kernel.gated_conv(x[None], np.ones((12, 5, 3, 3), np.float32), b)
+  with pytest.raises(Exception, match=r'x \(N,Cin,H,W\)'):
+    kernel.gated_conv(x, np.ones((12, 4, 3, 3), np.float32), b)
   resnet, variables, _ = init_gated('resnet20', batch=1, width=0.5)
   with pytest.raises(ValueError, match='gated model'):
-    sparse_native.NativeSparseModel.from_variables(resnet.clone(gate=None), variables)
+    native.NativeSparseModel.from_variables(resnet.clone(gate=None), variables)
   with pytest.raises(ValueError, match='does not support Dense'):
-    sparse_native.check_supported(nn.Dense(3))
+    walkers.check_supported(nn.Dense(3))
 
 
 def test_build_cache_and_errors(tmp_path, monkeypatch):
   monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'cache'))
-  path = native.build()
+  path = kernel.build()
   mtime = path.stat().st_mtime_ns
-  assert native.build() == path and path.stat().st_mtime_ns == mtime   # cached, not rebuilt
+  assert kernel.build() == path and path.stat().st_mtime_ns == mtime   # cached, not rebuilt
   assert [p.name for p in path.parent.iterdir()] == [path.name]        # no temp files left
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'other'))
-  with pytest.raises(native.NativeUnavailable, match='no-such-compiler'):
-    native.build()
+  with pytest.raises(kernel.NativeUnavailable, match='no-such-compiler'):
+    kernel.build()
   monkeypatch.delenv('CXX')
   (tmp_path / 'a_file').write_text('')
   monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'a_file' / 'cache'))
-  with pytest.raises(native.NativeUnavailable, match='set .FTTW_JAX_CACHE'):
-    native.build()
+  with pytest.raises(kernel.NativeUnavailable, match='set .FTTW_JAX_CACHE'):
+    kernel.build()
   monkeypatch.setenv('FTTW_JAX_CACHE', str(tmp_path / 'other'))
   bad = tmp_path / 'bad.cc'
   bad.write_text('this is not C++;\n')
-  monkeypatch.setattr(native, 'SOURCE', bad)
-  with pytest.raises(native.NativeUnavailable, match='bad.cc failed'):
-    native.build()
+  monkeypatch.setattr(kernel, 'SOURCE', bad)
+  with pytest.raises(kernel.NativeUnavailable, match='bad.cc failed'):
+    kernel.build()
   assert not any((tmp_path / 'other').iterdir())                      # nothing half-written

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fttw_jax import models, sparse
+from fttw_jax import models
+from fttw_jax.sparse import static, walkers, xla
 from helpers import (assert_matches_apply, assert_off_and_on, init_gated, set_heads,
                      strip_heads, with_gate)
 
@@ -30,7 +31,7 @@ ARCHS = [  # (name, width)
 
 
 def check_equal(model, variables, x, **policy):
-  sm = sparse.SparseModel.from_variables(model, variables, **{**POLICY, **policy})
+  sm = xla.SparseModel.from_variables(model, variables, **{**POLICY, **policy})
   return assert_matches_apply(sm, model, variables, x)[0], sm
 
 
@@ -62,7 +63,7 @@ def test_input_dependent_heads_and_batches():
       break
   else:
     pytest.fail('no input pair found')
-  sm = sparse.SparseModel.from_variables(model, variables, **POLICY)
+  sm = xla.SparseModel.from_variables(model, variables, **POLICY)
   out, saux = sm(x)
   assert out.shape == (2, 10)
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
@@ -98,29 +99,29 @@ def test_policies_and_dense_baselines():
 def test_errors_name_what_is_supported():
   model, variables, _ = init_gated('resnet20', batch=1, width=0.5)
   with pytest.raises(ValueError, match='gated model'):
-    sparse.SparseModel.from_variables(model.clone(gate=None), variables)
+    xla.SparseModel.from_variables(model.clone(gate=None), variables)
   with pytest.raises(ValueError, match="mask_source='target'"):
-    sparse.SparseModel.from_variables(with_gate(model, mask_source='target'), variables)
+    xla.SparseModel.from_variables(with_gate(model, mask_source='target'), variables)
   with pytest.raises(ValueError, match=r'does not support Dense.*ResNet'):
-    sparse.check_supported(nn.Dense(3))
+    walkers.check_supported(nn.Dense(3))
   with pytest.raises(ValueError, match='levels'):
-    sparse.SparseModel.from_variables(model, variables, levels=0)
+    xla.SparseModel.from_variables(model, variables, levels=0)
   with pytest.raises(ValueError, match='band'):
-    sparse.SparseModel.from_variables(model, variables, band=-1)
+    xla.SparseModel.from_variables(model, variables, band=-1)
 
 
 def test_capacities_and_slots():
-  assert sparse.capacities(512, 8) == (64, 128, 192, 256, 320, 384, 448, 512)
-  assert sparse.capacities(16, 8) == (8, 16)
-  assert sparse.capacities(20, 4) == (8, 16, 20)
-  assert sparse.capacities(4, 8) == (4,)
-  assert sparse.level_caps(16, 4) == (8, 8, 16, 16)
-  idx, n = sparse._slots_of(jnp.array([0., 1., 0., 1., 1.]), 5)
+  assert xla.capacities(512, 8) == (64, 128, 192, 256, 320, 384, 448, 512)
+  assert xla.capacities(16, 8) == (8, 16)
+  assert xla.capacities(20, 4) == (8, 16, 20)
+  assert xla.capacities(4, 8) == (4,)
+  assert xla.level_caps(16, 4) == (8, 8, 16, 16)
+  idx, n = xla._slots_of(jnp.array([0., 1., 0., 1., 1.]), 5)
   np.testing.assert_array_equal(idx, [1, 3, 4, 5, 5])
   assert int(n) == 3
-  assert int(sparse._bucket(jnp.int32(0), (8, 16))) == 0
-  assert int(sparse._bucket(jnp.int32(9), (8, 16, 24))) == 1
-  assert int(sparse._bucket(jnp.int32(24), (8, 16, 24))) == 2
+  assert int(xla._bucket(jnp.int32(0), (8, 16))) == 0
+  assert int(xla._bucket(jnp.int32(9), (8, 16, 24))) == 1
+  assert int(xla._bucket(jnp.int32(24), (8, 16, 24))) == 2
 
 
 def test_conv_kernels_match_lax_conv():
@@ -132,17 +133,40 @@ def test_conv_kernels_match_lax_conv():
     w = jnp.asarray(rng.standard_normal((k, k, 6, 5)), jnp.float32)
     ref = jax.lax.conv_general_dilated(x, w, (stride, stride), [(k // 2, k // 2)] * 2,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    np.testing.assert_allclose(sparse.conv2d(x, w, stride), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(xla.conv2d(x, w, stride), ref, atol=1e-4, rtol=1e-4)
     # the input-major layout the sparse path gathers from (rows = input channels)
     idx = jnp.asarray([4, 1, 3], jnp.int32)
-    w_in = sparse.take_inputs(jnp.transpose(w, (2, 0, 1, 3)), idx)
+    w_in = xla.take_inputs(jnp.transpose(w, (2, 0, 1, 3)), idx)
     ref = jax.lax.conv_general_dilated(x[..., idx], w[:, :, idx], (stride, stride),
                                        [(k // 2, k // 2)] * 2,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    np.testing.assert_allclose(sparse.conv2d(x[..., idx], w_in, stride, input_major=True),
+    np.testing.assert_allclose(xla.conv2d(x[..., idx], w_in, stride, input_major=True),
                                ref, atol=1e-4, rtol=1e-4)
     wd = jnp.asarray(rng.standard_normal((k, k, 1, 6)), jnp.float32)
     ref = jax.lax.conv_general_dilated(x, wd, (stride, stride), [(k // 2, k // 2)] * 2,
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                        feature_group_count=6)
-    np.testing.assert_allclose(sparse.depthwise2d(x, wd, stride), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(xla.depthwise2d(x, wd, stride), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name,width', [
+    ('resnet20', 0.5), ('vgg16_bn', 0.25), ('mobilenet_v1', 0.25), ('resnet18', 0.25),
+    pytest.param('mobilenet_v2', 0.25, marks=pytest.mark.slow)])
+def test_static_network_equals_apply_with_those_channels(name, width):
+  """Input-independent masks make the gated network a static one: the narrow network
+  of the channels they keep (weights sliced at load, no heads) gives apply's logits."""
+  model, variables, x = init_gated(name, batch=2, width=width)
+  variables, off, _ = set_heads(variables, seed=1, off=-1)   # no layer entirely off
+  ref, aux = jax.jit(model.apply)(variables, x)
+  keep = {k: np.flatnonzero(g['mask'][0]) for k, g in aux['gates'].items()}
+  for k, g in aux['gates'].items():
+    np.testing.assert_array_equal(g['mask'][0], g['mask'][1])   # the same for each sample
+  sm = static.StaticModel.from_variables(model, variables, keep)
+  np.testing.assert_allclose(sm.predict(x), ref, atol=1e-4, rtol=1e-4)
+  gated = [k for k in sm.keep]
+  narrow = sum(sm.weights[k]['w'].size for k in gated)
+  assert narrow < 0.9 * sum(sm.params[k]['w'].size for k in gated)   # physically narrower
+  with pytest.raises(ValueError, match='every gated layer'):
+    static.StaticModel.from_variables(model, variables, {k: keep[k] for k in gated[1:]})
+  with pytest.raises(ValueError, match=f'keep.{gated[0]!r}.: channels must be'):
+    static.StaticModel.from_variables(model, variables, {**keep, gated[0]: [10**6]})

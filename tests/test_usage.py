@@ -308,9 +308,9 @@ def test_api_sparse_batch_of_one_matches_dense(runs, kind):
   with pytest.raises(ValueError, match="sparse='fast' is invalid"):
     api.load(runs['ftwt'], sparse='fast')
   if kind == 'native':   # True picks the native runner on CPU where it builds
-    from fttw_jax import sparse_native
+    from fttw_jax.sparse import native
     assert isinstance(api.load(runs['ftwt'], 'latest', sparse=True)._sparse,
-                      sparse_native.NativeSparseModel)
+                      native.NativeSparseModel)
 
 
 # ------------------------------------------------------------------ installed package

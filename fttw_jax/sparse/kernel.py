@@ -1,8 +1,8 @@
-"""The C++ gated-conv custom call (``fttw_jax/csrc/gated_conv.cc``): built on first use.
+"""The C++ gated-conv custom call (``csrc/gated_conv.cc`` here): built on first use.
 
 XLA:CPU dispatches every op of a batch-1 forward separately, and a CIFAR ResNet's
 layers are so small that dispatch, not MACs, sets the time; the XLA sparse path
-(``fttw_jax.sparse``) therefore cannot beat dense there. One custom call per
+(``fttw_jax.sparse.xla``) therefore cannot beat dense there. One custom call per
 layer runs the head, the narrow conv, BN, the activation and the residual.
 
 The library is compiled with the machine's C++ compiler (``$CXX``, else ``c++``)
@@ -122,31 +122,33 @@ _EMPTY = np.zeros((0,), np.float32)
 def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool = True,
                post_relu: bool = True, after_block: bool = False, pool: str = 'avg',
                softmax: bool = True, sparse: bool = True, depthwise: bool = False):
-  """One layer at batch 1, CHW: ``(y (Cout, Ho, Wo), head logits (Cout,), mask (Cout,))``.
+  """One layer, NCHW: ``(y (N, Cout, Ho, Wo), head logits (N, Cout), mask (N, Cout))``.
 
   ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
   ``head`` = (head_w (Cin, Cout), head_b (Cout,)[, head_w.sum(0)]) or None (a plain
   conv: logits zeros, mask ones); pass the column sums, computed once at load time,
-  or every call reads all of head_w for them. ``residual`` (Cout, Ho, Wo) or None.
+  or every call reads all of head_w for them. ``residual`` (N, Cout, Ho, Wo) or None.
   The mask is the one applied (depthwise: also off where the input channel is all
-  zero, SPEC 2.2).
-  ``sparse=False`` computes every channel and then masks. Batches: ``jax.vmap``
-  (runs sample by sample).
+  zero, SPEC 2.2). ``sparse=False`` computes every channel and then masks. The
+  samples of a batch are split across XLA's intra-op threads.
   """
   ensure()
+  if jnp.ndim(x) != 4:
+    raise ValueError(f'gated_conv: expected x (N,Cin,H,W), got shape {jnp.shape(x)}')
   cout, _, k, _ = w.shape
+  n = x.shape[0]
   pad = k // 2
-  ho = (x.shape[1] + 2 * pad - k) // stride + 1
-  wo = (x.shape[2] + 2 * pad - k) // stride + 1
+  ho = (x.shape[2] + 2 * pad - k) // stride + 1
+  wo = (x.shape[3] + 2 * pad - k) // stride + 1
   if head is None:
     head = (_EMPTY, _EMPTY, _EMPTY)
   elif len(head) == 2:
     head = (*head, jnp.sum(jnp.asarray(head[0]), axis=0))
   head_w, head_b, head_colsum = head
   call = jax.ffi.ffi_call(
-      TARGET, (jax.ShapeDtypeStruct((cout, ho, wo), jnp.float32),
-               jax.ShapeDtypeStruct((cout,), jnp.float32),
-               jax.ShapeDtypeStruct((cout,), jnp.float32)),
+      TARGET, (jax.ShapeDtypeStruct((n, cout, ho, wo), jnp.float32),
+               jax.ShapeDtypeStruct((n, cout), jnp.float32),
+               jax.ShapeDtypeStruct((n, cout), jnp.float32)),
       vmap_method='sequential')
   return call(x, w, b, head_w, head_b, head_colsum, _EMPTY if residual is None else residual,
               stride=stride, pad=pad, relu=relu, post_relu=post_relu,

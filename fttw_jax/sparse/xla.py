@@ -1,7 +1,7 @@
 """Sparse batch-1 inference in XLA: compute only the channels a sample's masks keep.
 
 This is the portable path (any backend, every architecture). On CPU the C++
-custom call of ``fttw_jax.sparse_native`` runs the same contract faster (ResNet-56
+custom call of ``fttw_jax.sparse.native`` runs the same contract faster (ResNet-56
 1.9x dense where this path is slower than dense: XLA:CPU dispatches every op of a
 batch-1 forward separately; bench/RESULTS.md).
 
@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
 
 import flax.struct
 import jax
@@ -67,15 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fttw_jax.models.gating import HEAD_NAME, GateConfig
-from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, MobileNetV1,
-                                       MobileNetV2)
-from fttw_jax.models.resnet import ResNet, pad_shortcut
-from fttw_jax.models.vgg import VGG
+from fttw_jax.sparse import base, walkers
 
-BN_EPS = 1e-5
-SUPPORTED = ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vgg16_bn',
-             'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet34', 'mobilenet_v1_imagenet')
 # Outputs of at most this many pixels run as an im2col matmul: XLA:CPU's conv is ~10x
 # slow at 2x2, and at 4x4 the matmul reads a gathered input-major kernel as is, where
 # the conv needs it transposed (VGG16's 4x4 layers; dense time unchanged).
@@ -144,17 +136,6 @@ def channel_mean(x):
   return jnp.dot(jnp.full((1, y.shape[0]), 1.0 / y.shape[0], y.dtype), y)[0]
 
 
-def max_pool(x, window: int, stride: int, pad: int = 0):
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-                           ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
-def avg_pool(x, window: int):
-  if window == 0:
-    return channel_mean(x).reshape(1, 1, 1, -1)
-  s = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, window, window, 1), 'VALID')
-  return s / (window * window)
-
 
 # ----------------------------------------------------------- compact activations
 
@@ -201,42 +182,66 @@ def _slots_of(mask, size):
   return jnp.where(keys < size, keys, size), jnp.sum(on, dtype=jnp.int32)
 
 
-# --------------------------------------------------------------- parameters
+# ------------------------------------------------------------------- runner
 
-def fold_bn(kernel, bias, bn_params, bn_stats):
-  """Fold inference BatchNorm into the preceding conv: (kernel', bias'), in numpy."""
-  f = lambda a: np.asarray(a, np.float64)
-  scale = f(bn_params['scale']) / np.sqrt(f(bn_stats['var']) + BN_EPS)
-  b = f(bias) if bias is not None else 0.0
-  return f(kernel) * scale, (b - f(bn_stats['mean'])) * scale + f(bn_params['bias'])
+@dataclasses.dataclass(frozen=True)
+class _Epilogue:
+  """What follows a conv (z = conv + folded bias): the activation, the mask (None: the
+  plain network) and the residual join of a block's last conv (see ``walkers``)."""
+  relu: bool
+  mask: jax.Array | None = None
+  residual: jax.Array | None = None
+  post_relu: bool = True
+  after_block: bool = False
 
+  def _act(self, z):
+    return jax.nn.relu(z) if self.relu else z
 
-def _get(tree, path):
-  for k in path.split('/'):
-    tree = tree[k]
-  return tree
+  def full(self, z):
+    """Full width, original channel order -> the layer output (original order)."""
+    m = 1.0 if self.mask is None else self.mask
+    if self.residual is None:
+      return self._act(z) * m
+    if self.after_block:
+      return jax.nn.relu(self._act(z) + self.residual) * m
+    y = self._act(z) * m + self.residual
+    return jax.nn.relu(y) if self.post_relu else y
 
+  def narrow(self, z, out_idx, n_out, cout):
+    """``co`` computed slots (channels ``out_idx[:co]``, the first ``n_out`` real) ->
+    the output: zero-padded slots, or the block output in original order."""
+    co = z.shape[-1]
+    idx = out_idx[:co]
+    valid = jnp.arange(co) < n_out
+    y = self._act(z) * valid
+    if self.residual is None:
+      return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, cout - co)))
+    if self.after_block:
+      r = jnp.take(self.residual, idx, axis=-1, mode='clip')
+      y = jax.nn.relu(y + r) * valid
+      return jnp.zeros_like(self.residual).at[..., idx].set(y, mode='drop')
+    y = self.residual.at[..., idx].add(y, mode='drop')
+    return jax.nn.relu(y) if self.post_relu else y
 
-def _fold_conv(params, stats, path, conv='conv', bn='bn'):
-  p, s = _get(params, path), _get(stats, path)
-  w, b = fold_bn(np.asarray(p[conv]['kernel']), p[conv].get('bias'), p[bn], s[bn])
-  return {'w': jnp.asarray(w, jnp.float32), 'b': jnp.asarray(b, jnp.float32)}
-
-
-# ------------------------------------------------------------------- executor
 
 @dataclasses.dataclass
 class _Runner:
-  """Runs one sample through the layer ops; ``levels=1`` is the masked dense forward
-  (full-width bucket only), ``gated=False`` the plain dense network (no heads)."""
+  """The walkers' runner for one NHWC sample (``Act``); ``levels=1`` is the masked
+  dense forward (full-width bucket only), ``gated=False`` the plain dense network."""
   params: dict
-  gate: GateConfig | None
+  gate: object
   levels: int
   gated: bool = True
   rows_max_pixels: int = 16
   min_channels: int = 32
   band: int = 2
   aux: dict = dataclasses.field(default_factory=dict)
+
+  def out_channels(self, name):
+    return self.params[name]['w'].shape[-1]
+
+  def has(self, name):
+    return name in self.params
 
   def head(self, name, act: Act):
     """Mask (Cout,) predicted from the layer input, exactly as GatedConv's head."""
@@ -252,41 +257,26 @@ class _Runner:
     logits = pooled @ p['head_w'] + p['head_b']
     return logits, (logits > 0).astype(jnp.float32)
 
-  def conv(self, name, act: Act, stride=1, act_fn='relu', residual=None, post='relu',
+  def conv(self, name, act: Act, stride=1, relu=True, residual=None, post_relu=True,
            after_block=False):
-    """Gated conv -> Act; with ``residual`` (original order, full width) returns the
-    block output ``post(mask * conv(x) + residual)`` as a dense Act (or
-    ``mask * relu(conv(x) + residual)`` with ``after_block``)."""
+    """Gated conv -> Act (compact), or with ``residual`` the block output (dense Act)."""
     p = self.params[name]
     w, b = p['w'], p['b']
-    cin, cout = w.shape[2], w.shape[3]
-    fn, post_fn = _ACT[act_fn], _ACT[post]
     if not self.gated:
-      y = fn(conv2d(act.x, w, stride) + b)
-      return Act(post_fn(y + residual) if residual is not None else y)
+      return Act(_Epilogue(relu, None, residual, post_relu, after_block).full(
+          conv2d(act.x, w, stride) + b))
     logits, mask = self.head(name, act)
     self.aux[name] = {'logits': logits, 'mask': mask}
-    mode = self.mode(cout, _out_pixels(act.x.shape, w.shape[0], stride))
-
-    def finish(y):
-      """Full-width output in original order -> masked output (or block output)."""
-      if residual is None:
-        return y * mask
-      if after_block:
-        return jax.nn.relu(y + residual) * mask
-      return post_fn(y * mask + residual)
-
+    out = _Epilogue(relu, mask, residual, post_relu, after_block)
+    mode = self.mode(w.shape[3], _out_pixels(act.x.shape, w.shape[0], stride))
     if mode == 'dense':
-      return Act(finish(fn(conv2d(to_dense(act), w, stride) + b)))
+      return Act(out.full(conv2d(to_dense(act), w, stride) + b))
     if mode == 'rows':
-      y = finish(fn(self._rows_conv(act, w, p['w_in'], stride) + b))
+      y = out.full(self._rows_conv(act, w, p['w_in'], stride) + b)
       if residual is not None:
         return Act(y)
-      out_idx, n_out = _slots_of(mask, cout)
-      valid = jnp.arange(cout) < n_out
-      return Act(jnp.take(y, out_idx, axis=-1, mode='clip') * valid, out_idx, n_out, dense=False)
-    return self._both_conv(act, w, p['w_in'], b, mask, stride, fn, post_fn, residual,
-                           after_block, finish)
+      return _compact(y, mask, jnp.arange(w.shape[3], dtype=jnp.int32))
+    return self._both_conv(act, p, stride, out)
 
   def mode(self, channels, pixels):
     """How a layer runs. 'dense': masked dense (few channels: narrow convs run no faster
@@ -306,50 +296,38 @@ class _Runner:
     caps = capacities(cin, self.levels)
 
     def branch(ci):
-      def run(x, idx, w, w_in):
+      def run(x, idx):
         if ci is None:                   # count == C: slots are in original order
           return conv2d(x, w, stride)
         return conv2d(x[..., :ci], take_inputs(w_in, idx[:ci]), stride, input_major=True)
       return run
     index = jnp.where(act.count == cin, len(caps), _bucket(act.count, caps))
-    return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx, w,
-                   w_in)
+    return _switch(index, [branch(ci) for ci in caps] + [branch(None)], act.x, act.idx)
 
-  def _both_conv(self, act, w, w_in, b, mask, stride, fn, post_fn, residual, after_block,
-                 finish):
+  def _both_conv(self, act: Act, p, stride, out: _Epilogue):
     """Narrow conv on gathered active inputs x outputs, one branch per (input, output)
     capacity pair; pairs more than ``band`` levels apart run at the nearest pair
     above (``levels**2`` branches would take minutes to compile); the full output
     capacity computes in original channel order."""
+    w, w_in, b = p['w'], p['w_in'], p['b']
     cin, cout = w.shape[2], w.shape[3]
-    out_idx, n_out = _slots_of(mask, cout)
+    out_idx, n_out = _slots_of(out.mask, cout)
 
     def branch(ci, co, gather_in):
-      def run(x, in_idx, w, w_in, b, out_idx, n_out, residual):
-        if ci < cin:
-          x = x[..., :ci]
-        if gather_in:
-          w = take_inputs(w_in, in_idx[:ci])
-        conv = functools.partial(conv2d, stride=stride, input_major=gather_in)
+      def run(x, in_idx):
+        kernel = take_inputs(w_in, in_idx[:ci]) if gather_in else w
+        conv = functools.partial(conv2d, x[..., :ci], stride=stride, input_major=gather_in)
         if co == cout:
-          return finish(fn(conv(x, w) + b))
-        w = jnp.take(w, out_idx[:co], axis=3, mode='clip')
-        b = jnp.take(b, out_idx[:co], mode='clip')
-        valid = jnp.arange(co) < n_out
-        y = fn(conv(x, w) + b) * valid
-        if residual is None:
-          return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, cout - co)))
-        if after_block:
-          r = jnp.take(residual, out_idx[:co], axis=-1, mode='clip')
-          y = jax.nn.relu(y + r) * valid
-          return jnp.zeros_like(residual).at[..., out_idx[:co]].set(y, mode='drop')
-        return post_fn(residual.at[..., out_idx[:co]].add(y, mode='drop'))
+          return out.full(conv(kernel) + b)
+        kernel = jnp.take(kernel, out_idx[:co], axis=3, mode='clip')
+        return out.narrow(conv(kernel) + jnp.take(b, out_idx[:co], mode='clip'), out_idx,
+                          n_out, cout)
       return run
 
     lout = level_caps(cout, self.levels)
+    caps = sorted(set(lout))
     k_out = _bucket(n_out, lout)
     if act.dense:
-      caps = sorted(set(lout))
       branches = [branch(cin, co, False) for co in caps]
       index = jnp.asarray([caps.index(c) for c in lout], jnp.int32)[k_out]
     else:
@@ -359,22 +337,19 @@ class _Runner:
       # others run at the nearest allowed pair above (wider, still exact).
       k_out = jnp.maximum(k_out, k_in - self.band)
       k_in = jnp.maximum(k_in, k_out - self.band)
-      levels = range(self.levels)
-      pairs = sorted({(lin[i], lout[o]) for i in levels for o in levels
-                      if abs(i - o) <= self.band})
-      caps = sorted(set(lout))
+      near = [(i, o) for i in range(self.levels) for o in range(self.levels)
+              if abs(i - o) <= self.band]
+      pairs = sorted({(lin[i], lout[o]) for i, o in near})
       branches = ([branch(ci, co, True) for ci, co in pairs] +
                   [branch(cin, co, False) for co in caps])  # count == C: original order
       table = np.zeros((self.levels, self.levels), np.int32)
-      for i in levels:
-        for o in levels:
-          if abs(i - o) <= self.band:
-            table[i, o] = pairs.index((lin[i], lout[o]))
+      for i, o in near:
+        table[i, o] = pairs.index((lin[i], lout[o]))
       dense_row = np.asarray([len(pairs) + caps.index(c) for c in lout], np.int32)
       index = jnp.where(act.count == cin, jnp.asarray(dense_row)[k_out],
                         jnp.asarray(table)[k_in, k_out])
-    y = _switch(index, branches, act.x, act.idx, w, w_in, b, out_idx, n_out, residual)
-    if residual is not None:
+    y = _switch(index, branches, act.x, act.idx)
+    if out.residual is not None:
       return Act(y)
     full = jnp.asarray(lout, jnp.int32)[k_out] == cout   # computed in original order
     idx = jnp.where(full, jnp.arange(cout, dtype=jnp.int32), out_idx)
@@ -406,17 +381,21 @@ class _Runner:
     y = jax.nn.relu(depthwise2d(act.x, w, stride) + b) * keep
     return _compact(y, keep, act.idx)
 
-  def plain_conv(self, name, x, stride=1):
-    """Unmasked conv + folded BN (shortcut projections), dense."""
-    p = self.params[name]
-    return conv2d(x, p['w'], stride) + p['b']
+  def shortcut(self, act: Act, conv=None, stride=1, pad=None):
+    """The residual stream (dense, original order): projection ``conv`` + folded BN,
+    or ``pad`` (an NHWC function), or ``act`` itself."""
+    x = to_dense(act)
+    if conv is not None:
+      return conv2d(x, self.params[conv]['w'], stride) + self.params[conv]['b']
+    return pad(x) if pad is not None else x
 
-  def classifier(self, x):
+  def pool(self, act: Act, kind, window, stride=None, pad=0):
+    return act.replace(x=walkers.pool(act.x, kind, window, stride, pad))  # per slot
+
+  def classify(self, act: Act):
     p = self.params['classifier']
-    return x.reshape(1, -1) @ p['w'] + p['b']
-
-
-_ACT = {'relu': jax.nn.relu, 'none': lambda t: t}
+    x = to_dense(act)
+    return x.reshape(x.shape[0], -1) @ p['w'] + p['b']
 
 
 def _out_pixels(shape, k, stride):
@@ -449,210 +428,40 @@ def _switch(index, branches, *ops):
   return lax.switch(index, branches, *ops)
 
 
-
-
-# -------------------------------------------------------------- architectures
-
-def _resnet(run: _Runner, model: ResNet, x):
-  act = run.conv('stem', Act(x), stride=2 if model.imagenet else 1)
-  if model.imagenet:                        # max pool is per channel: fine on slots
-    act = act.replace(x=max_pool(act.x, 3, 2, 1))
-  x = to_dense(act)
-  after_block = run.gate is not None and run.gate.gt_after_block
-  for stage, size in enumerate(model.stage_sizes):
-    for b in range(size):
-      name = f'layer{stage + 1}_{b}'
-      stride = 2 if stage > 0 and b == 0 else 1
-      features = run.params[f'{name}/conv1']['w'].shape[-1]
-      residual = x
-      if stride != 1 or x.shape[-1] != features:
-        if model.imagenet:
-          residual = run.plain_conv(f'{name}/downsample', x, stride)
-        else:
-          residual = pad_shortcut(x, features, stride, model.options.shortcut_pad)
-      y = run.conv(f'{name}/conv1', Act(x), stride)
-      x = run.conv(f'{name}/conv2', y, act_fn='none', residual=residual, post='relu',
-                   after_block=after_block).x
-  return run.classifier(avg_pool(x, 0))
-
-
-def _vgg(run: _Runner, model: VGG, x):
-  act, index = Act(x), 0
-  for v in model.cfg:
-    if v == 'M':
-      act = act.replace(x=max_pool(act.x, 2, 2))
-    else:
-      act = run.conv(f'conv{index}', act)
-      index += 1
-  return run.classifier(to_dense(act))
-
-
-def _mobilenet_v1(run: _Runner, model: MobileNetV1, x):
-  act = run.conv('stem', Act(x), stride=2 if model.imagenet else 1)
-  for i, (_, s) in enumerate(MOBILENET_V1_CFG):
-    act = run.depthwise(f'block{i}_dw', act, s)
-    act = run.conv(f'block{i}_pw', act)
-  act = act.replace(x=avg_pool(act.x, 0 if model.imagenet else 2))
-  return run.classifier(to_dense(act))
-
-
-def _mobilenet_v2(run: _Runner, model: MobileNetV2, x):
-  act, index = run.conv('stem', Act(x)), 0
-  for _, _, n, s in MOBILENET_V2_CFG:
-    for b in range(n):
-      name, stride = f'block{index}', (s if b == 0 else 1)
-      y = run.conv(f'{name}/expand', act)
-      y = run.depthwise(f'{name}/dw', y, stride)
-      if stride == 1:
-        shortcut = to_dense(act)
-        if f'{name}/shortcut' in run.params:
-          shortcut = run.plain_conv(f'{name}/shortcut', shortcut)
-        act = run.conv(f'{name}/project', y, act_fn='none', residual=shortcut, post='none')
-      else:
-        act = run.conv(f'{name}/project', y, act_fn='none')
-      index += 1
-  act = run.conv('final_conv', act)
-  act = act.replace(x=avg_pool(act.x, 4))
-  return run.classifier(to_dense(act))
-
-
-_ARCHS: dict[type, Callable] = {ResNet: _resnet, VGG: _vgg, MobileNetV1: _mobilenet_v1,
-                                MobileNetV2: _mobilenet_v2}
-
-
-_PROJECTIONS = ('downsample_conv', 'downsample_bn', 'shortcut_conv', 'shortcut_bn')
-
-
-def fold_variables(variables, input_major: bool = True) -> dict:
-  """{layer path: {'w', 'b'[, 'head_w', 'head_b', 'w_in']}} with BN folded into every
-  conv; ``input_major``: also the input-major kernel copies (see ``take_inputs``)."""
-  params, stats = variables['params'], variables['batch_stats']
-  out = {}
-
-  def walk(tree, path):
-    if 'conv' in tree and 'bn' in tree:
-      entry = _fold_conv(params, stats, path)
-      if HEAD_NAME in tree:
-        entry['head_w'] = jnp.asarray(tree[HEAD_NAME]['kernel'], jnp.float32)
-        entry['head_b'] = jnp.asarray(tree[HEAD_NAME]['bias'], jnp.float32)
-        if input_major and entry['w'].shape[2] > 1:  # not depthwise
-          entry['w_in'] = jnp.transpose(entry['w'], (2, 0, 1, 3))
-      out[path] = entry
-      return
-    for proj in ('downsample', 'shortcut'):
-      if f'{proj}_conv' in tree:
-        out[f'{path}/{proj}'] = _fold_conv(params, stats, path, f'{proj}_conv', f'{proj}_bn')
-    for key, sub in tree.items():
-      if isinstance(sub, dict) and key not in _PROJECTIONS:
-        walk(sub, f'{path}/{key}' if path else key)
-
-  walk(params, '')
-  cls = params['classifier']
-  out['classifier'] = {'w': jnp.asarray(cls['kernel'], jnp.float32),
-                       'b': jnp.asarray(cls['bias'], jnp.float32)}
-  return out
-
-
 # ------------------------------------------------------------------ public API
 
-def check_supported(model) -> Callable:
-  """The architecture walker for ``model``, or a ValueError naming what is supported."""
-  walker = _ARCHS.get(type(model))
-  if walker is None:
-    raise ValueError(
-        f'sparse execution does not support {type(model).__name__}; supported '
-        f'architectures: {[t.__name__ for t in _ARCHS]} (registry models {list(SUPPORTED)})')
-  if model.gate is None:
-    raise ValueError('sparse execution needs a gated model (gate=GateConfig(...)); '
-                     'a baseline model has no heads to predict masks')
-  if model.gate.mask_source != 'predicted':
-    raise ValueError(f"sparse execution runs the heads' predicted masks; got "
-                     f'gate.mask_source={model.gate.mask_source!r} (valid: \'predicted\')')
-  # The depthwise kernels implement SPEC 2.2's rule.
-  if model.gate.depthwise_rule != 'follow_input' and isinstance(model, (MobileNetV1,
-                                                                        MobileNetV2)):
-    raise ValueError(f'sparse execution implements gate.depthwise_rule=\'follow_input\'; '
-                     f'got {model.gate.depthwise_rule!r} (fidelity=\'reference\')')
-  if model.gate.head_norm != 'none':
-    raise ValueError(f'sparse execution computes the heads as the paper does; got '
-                     f"gate.head_norm={model.gate.head_norm!r} (valid: 'none')")
-  return walker
-
-
-class Executor:
-  """The calls both sparse runners share (this one and ``sparse_native``'s).
-
-  ``__call__(x)`` is the sparse path, ``predict(x)`` its logits alone;
-  ``masked_dense`` and ``dense`` run the same kernels at full width with and
-  without masks: the fair baselines for timing. Subclasses set ``params`` and
-  define ``_forward_fn(mode)`` -> ``f(params, xs) -> (logits, aux)``.
-  """
-
-  def __call__(self, x):
-    """Sparse forward: (logits (N, classes), {layer: {'logits', 'mask'}} each (N, C))."""
-    return self._run('sparse', x)
-
-  def predict(self, x):
-    """Sparse forward, logits only (N, classes): the masks are not materialised."""
-    return self._run('sparse', x, logits_only=True)
-
-  def masked_dense(self, x):
-    """Masked dense forward with the same kernels (every layer at full width)."""
-    return self._run('masked', x)
-
-  def dense(self, x):
-    """The plain network (no heads, no masks) with the same kernels: (N, classes)."""
-    return self._run('dense', x, logits_only=True)
-
-  def _run(self, mode, x, logits_only=False):
-    fns = self.__dict__.setdefault('_fns', {})
-    key = (mode, logits_only)
-    if key not in fns:
-      fn = self._forward_fn(mode)
-      fns[key] = jax.jit((lambda p, x: fn(p, x)[0]) if logits_only else fn)
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim == 3:
-      x = x[None]
-    if x.ndim != 4:
-      raise ValueError(f'expected images (N, H, W, C) or (H, W, C), got shape {x.shape}')
-    return fns[key](self.params, x)
-
-
-def map_samples(one, xs):
-  """``one(x) -> (logits (classes,), aux)`` over the batch: directly for one sample,
-  else ``lax.map`` (a ``vmap`` would run every ``lax.switch`` branch)."""
-  if xs.shape[0] == 1:
-    logits, aux = one(xs[0])
-    return logits[None], jax.tree.map(lambda a: a[None], aux)
-  return lax.map(one, xs)
-
-
-class SparseModel(Executor):
+class SparseModel(base.Executor):
   """Batch-1 sparse inference of a gated model in XLA; equal to ``model.apply`` (eval
-  mode). Batches run sample by sample. See ``Executor`` for the calls.
+  mode). Batches run sample by sample (``dense``: the whole batch at once). See
+  ``base.Executor`` for the calls.
   """
 
   def __init__(self, model, params: dict, levels: int = 16, band: int = 2,
                rows_max_pixels: int = 16, min_channels: int = 32):
-    self.walker = check_supported(model)
+    self.walker = walkers.check_supported(model)
     if levels < 1:
       raise ValueError(f'levels must be >= 1, got {levels!r}')
-    self.model, self.params = model, params
     if band < 0:
       raise ValueError(f'band must be >= 0, got {band!r}')
+    self.model, self.params = model, params
     self.policy = dict(levels=levels, band=band, rows_max_pixels=rows_max_pixels,
                        min_channels=min_channels)
 
   @classmethod
   def from_variables(cls, model, variables, **policy) -> 'SparseModel':
-    """Fold BN into the convs once (at load time) and wrap ``model``.
+    """Fold BN into the convs once (at load time), add the input-major kernel copies
+    (see ``take_inputs``) and wrap ``model``.
 
     ``policy``: ``levels`` (capacity buckets per layer: C/levels steps, rounded up to
     multiples of 8), ``band`` (input/output level pairs that get a branch),
     ``rows_max_pixels`` and ``min_channels`` (see ``_Runner.mode``).
     """
-    check_supported(model)
-    return cls(model, fold_variables(variables), **policy)
+    walkers.check_supported(model)
+    params = base.fold_variables(variables)
+    for entry in params.values():
+      if 'head_w' in entry and entry['w'].shape[2] > 1:  # not depthwise
+        entry['w_in'] = jnp.transpose(entry['w'], (2, 0, 1, 3))
+    return cls(model, params, **policy)
 
   def _forward_fn(self, mode):
     return functools.partial(_forward, self.walker, self.model, mode,
@@ -661,10 +470,13 @@ class SparseModel(Executor):
 
 def _forward(walker, model, mode, policy, params, xs):
   policy = dict(policy)
+  if mode == 'dense':    # no per-sample branches: the batch runs through each conv at once
+    run = _Runner(params, model.gate, gated=False, **policy)
+    return walker(run, model, Act(xs)), {}
   if mode == 'masked':
     policy['levels'] = 1
   def one(x):
     run = _Runner(params, model.gate, gated=mode != 'dense', **policy)
-    logits = walker(run, model, x[None])[0]
+    logits = walker(run, model, Act(x[None]))[0]
     return logits, run.aux
-  return map_samples(one, xs)
+  return base.map_samples(one, xs)

@@ -1,4 +1,4 @@
-// One gated conv layer of FTWT at batch 1 as an XLA FFI custom call (issue 6).
+// One gated conv layer of FTWT as an XLA FFI custom call, a batch of samples per call.
 //
 // Why a custom call: on XLA:CPU a batch-1 CIFAR ResNet is bound by per-op dispatch,
 // not by MACs (bench/RESULTS.md: the sparse XLA path ran ~1,200 small ops against
@@ -7,17 +7,20 @@
 // not identically zero and the output channels the head keeps, then BN bias, the
 // activation and the residual. Switched-off channels cost nothing but a fill.
 //
-// Layout: activations CHW (one sample), kernels OIHW with BN folded in. Inputs:
-// x (Cin,H,W), w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), b (Cout), head_w (Cin,Cout),
-// head_b (Cout), head_colsum (Cout: head_w summed over Cin), residual (Cout,Ho,Wo);
-// an empty (size 0) head_w means "no head" and
-// an empty residual "no residual". Outputs: y (Cout,Ho,Wo), logits (Cout) (zeros
-// without a head), mask (Cout) as applied (ones without a head; depthwise: also 0
-// where the input channel is all zero, SPEC 2.2). Attributes: stride, pad, relu
-// (activation after BN), post_relu (after the residual add), after_block (y = mask *
-// relu(conv + residual)), pool_max, softmax, sparse (skip switched-off channels;
-// false computes every channel, then masks: the masked dense forward with the same
-// kernel), depthwise.
+// Layout: activations NCHW, kernels OIHW with BN folded in. Inputs: x (N,Cin,H,W),
+// w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), b (Cout), head_w (Cin,Cout), head_b
+// (Cout), head_colsum (Cout: head_w summed over Cin), residual (N,Cout,Ho,Wo); an
+// empty (size 0) head_w means "no head" and an empty residual "no residual".
+// Outputs: y (N,Cout,Ho,Wo), logits (N,Cout) (zeros without a head), mask (N,Cout) as
+// applied (ones without a head; depthwise: also 0 where the input channel is all
+// zero, SPEC 2.2). Attributes: stride, pad, relu (activation after BN), post_relu
+// (after the residual add), after_block (y = mask * relu(conv + residual)), pool_max,
+// softmax, sparse (skip switched-off channels; false computes every channel, then
+// masks: the masked dense forward with the same kernel), depthwise.
+//
+// Threads (XLA's intra-op pool plus the caller): one sample splits its conv's tiles;
+// a batch splits its samples, which are independent (per-sample masks), each sample
+// on one thread.
 //
 // The conv kernel: the active input channels are copied once into a zero-padded,
 // column-phase-split buffer (stride s: s planes of every s-th column), so every
@@ -30,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -266,45 +270,50 @@ void RunItem(const Layer& L, int item, int chunks) {
   else RunBlockK<1>(L, ob, v_begin, v_end);
 }
 
-// Work items shared between the calling thread and XLA's intra-op pool. The
-// caller claims items too, so the call finishes even if no pool thread ever runs
-// the scheduled task; the state lives in a shared_ptr for tasks that run late.
-struct Work {
-  Layer layer;
-  int items, chunks;
-  std::atomic<int> next{0};
-  std::atomic<int> done{0};
-  void Drain() {
-    for (int i; (i = next.fetch_add(1)) < items;) {
-      RunItem(layer, i, chunks);
-      done.fetch_add(1, std::memory_order_release);
-    }
+// Items [0, items) shared between the calling thread and up to ``helpers`` tasks of
+// XLA's intra-op pool. The caller claims items too, so the call finishes even if no
+// pool thread ever runs a scheduled task; the state lives in a shared_ptr for tasks
+// that start late (they find nothing left to claim).
+void ParallelFor(ffi::ThreadPool* pool, int helpers, int items, std::function<void(int)> fn) {
+  helpers = pool ? std::min(helpers, items - 1) : 0;
+  if (helpers <= 0) {
+    for (int i = 0; i < items; ++i) fn(i);
+    return;
   }
-};
+  struct State {
+    std::function<void(int)> fn;
+    int items;
+    std::atomic<int> next{0};
+    std::atomic<int> done{0};
+    void Drain() {
+      for (int i; (i = next.fetch_add(1)) < items;) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->fn = std::move(fn);
+  state->items = items;
+  for (int i = 0; i < helpers; ++i) pool->Schedule([state] { state->Drain(); });
+  state->Drain();
+  // A helper holds a claimed item: yield the core to it (there may be no other).
+  while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
 
-void RunParallel(const Layer& L, ffi::ThreadPool pool) {
+// Below this many MACs a hand-off to the pool costs more than it saves (it wakes late).
+constexpr int64_t kMinParallelMacs = 1 << 21;
+
+// One layer's conv over pixel-vector chunks x output blocks; ``pool`` null: serial.
+void RunParallel(const Layer& L, ffi::ThreadPool* pool) {
   const Geometry& g = *L.geometry;
   int blocks = (L.n_outs + kOB - 1) / kOB;
   int64_t macs = static_cast<int64_t>(L.n_outs) * L.n_in * g.k * g.k * g.ho * g.wo;
-  // Below 2M MACs a hand-off costs more than it saves (the pool wakes too late).
-  int helpers = macs < (1 << 21) ? 0 : static_cast<int>(pool.num_threads());
+  int helpers = !pool || macs < kMinParallelMacs ? 0 : static_cast<int>(pool->num_threads());
   // About 4 items per thread, so that a late helper does not leave the caller waiting long.
-  int chunks = std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1, (g.vecs + kT - 1) / kT);
-  if (helpers == 0) chunks = 1;
-  int items = blocks * chunks;
-  helpers = std::min(helpers, items - 1);
-  if (helpers <= 0) {
-    for (int i = 0; i < items; ++i) RunItem(L, i, chunks);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  work->layer = L;
-  work->items = items;
-  work->chunks = chunks;
-  for (int i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  // A helper holds a claimed item: yield the core to it (there may be no other).
-  while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  int chunks = helpers == 0 ? 1 : std::clamp((4 * (helpers + 1) + blocks - 1) / blocks, 1,
+                                              (g.vecs + kT - 1) / kT);
+  ParallelFor(pool, helpers, blocks * chunks, [&L, chunks](int i) { RunItem(L, i, chunks); });
 }
 
 // y[0:n] += a * x[0:n]
@@ -348,31 +357,18 @@ ChannelStats Scan(const float* p, int n) {
   return st;
 }
 
-ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
-                         ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
-                         ffi::Buffer<ffi::F32> head_colsum, ffi::Buffer<ffi::F32> residual,
-                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> logits,
-                         ffi::ResultBuffer<ffi::F32> mask_out,
-                         int64_t stride, int64_t pad, bool relu, bool post_relu,
-                         bool after_block, bool pool_max, bool softmax, bool sparse,
-                         bool depthwise) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 4 || wd[1] != (depthwise ? 1 : xd[0]) ||
-      (depthwise && wd[0] != xd[0]) || wd[2] != wd[3] || wd[2] > 8)
-    return ffi::Error::InvalidArgument(
-        "gated_conv: expected x (Cin,H,W) and w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), k<=8");
-  Geometry g = MakeGeometry(xd[0], xd[1], xd[2], wd[0], wd[2], stride, pad);
-  const bool gated = head_w.element_count() > 0;
-  const bool has_res = residual.element_count() > 0;
-  if (gated && (head_w.element_count() != static_cast<size_t>(g.cin) * g.cout ||
-                head_b.element_count() != static_cast<size_t>(g.cout) ||
-                head_colsum.element_count() != static_cast<size_t>(g.cout)))
-    return ffi::Error::InvalidArgument(
-        "gated_conv: head must be (Cin,Cout), (Cout,) and its column sums (Cout,)");
-  if (has_res && residual.element_count() != static_cast<size_t>(g.cout) * g.ho * g.wo)
-    return ffi::Error::InvalidArgument("gated_conv: residual must be (Cout,Ho,Wo)");
-  const float* xs = x.typed_data();
+// One call's geometry, shared operands and attributes.
+struct Spec {
+  Geometry g;
+  const float *w, *b, *head_w, *head_b, *head_colsum;
+  bool gated, relu, post_relu, after_block, pool_max, softmax, sparse, depthwise;
+};
+
+// One sample: x (Cin,H,W), rs its residual (nullptr: none) -> ys, out_logits, mask.
+// ``pool`` (null: this thread alone) splits the sample's conv across threads.
+void RunSample(const Spec& s, const float* xs, const float* rs, float* ys,
+               float* out_logits, float* mask, ffi::ThreadPool* pool) {
+  const Geometry& g = s.g;
   const int hw = g.h * g.w;
 
   // Input channel scan: pooled value (head) and "not identically zero" (sparse; and
@@ -383,18 +379,16 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   in_idx.reserve(g.cin);
   for (int c = 0; c < g.cin; ++c) {
     ChannelStats st = Scan(xs + static_cast<size_t>(c) * hw, hw);
-    pooled[c] = pool_max ? st.max : st.sum / hw;
+    pooled[c] = s.pool_max ? st.max : st.sum / hw;
     nonzero[c] = st.nonzero;
-    if (st.nonzero || !sparse) in_idx.push_back(c);
+    if (st.nonzero || !s.sparse) in_idx.push_back(c);
   }
 
   // Head: logits and the applied mask (all ones without a head).
-  float* out_logits = logits->typed_data();
-  float* mask = mask_out->typed_data();
-  std::fill(out_logits, out_logits + g.cout, 0.0f);
+    std::fill(out_logits, out_logits + g.cout, 0.0f);
   std::fill(mask, mask + g.cout, 1.0f);
-  if (gated) {
-    if (softmax) {
+  if (s.gated) {
+    if (s.softmax) {
       float mx = *std::max_element(pooled.begin(), pooled.end()), sum = 0.0f;
       for (float& v : pooled) sum += (v = std::exp(v - mx));
       for (float& v : pooled) v /= sum;
@@ -409,51 +403,103 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         s0 = pooled[c];
         break;
       }
-    const float* hb = head_b.typed_data();
-    const float* colsum = head_colsum.typed_data();
+    const float* hb = s.head_b;
+    const float* colsum = s.head_colsum;
     for (int o = 0; o < g.cout; ++o) out_logits[o] = hb[o] + s0 * colsum[o];
     for (int c = 0; c < g.cin; ++c)
       if (nonzero[c])
-        Axpy(g.cout, pooled[c] - s0, head_w.typed_data() + static_cast<size_t>(c) * g.cout,
+        Axpy(g.cout, pooled[c] - s0, s.head_w + static_cast<size_t>(c) * g.cout,
              out_logits);
     for (int o = 0; o < g.cout; ++o)
-      mask[o] = out_logits[o] > 0.0f && (!depthwise || nonzero[o]) ? 1.0f : 0.0f;
+      mask[o] = out_logits[o] > 0.0f && (!s.depthwise || nonzero[o]) ? 1.0f : 0.0f;
   }
   std::vector<int> outs;
   outs.reserve(g.cout);
   for (int o = 0; o < g.cout; ++o)
-    if (mask[o] > 0.0f || !sparse) outs.push_back(o);
+    if (mask[o] > 0.0f || !s.sparse) outs.push_back(o);
 
   // Channels not computed: mask 0, so the output is post(residual) (0 after_block).
-  float* ys = y->typed_data();
-  const float* rs = has_res ? residual.typed_data() : nullptr;
   const size_t opix = static_cast<size_t>(g.ho) * g.wo;
   std::vector<char> computed(g.cout, 0);
   for (int o : outs) computed[o] = 1;
   for (int o = 0; o < g.cout; ++o) {
     if (computed[o]) continue;
     float* d = ys + o * opix;
-    if (!has_res || after_block) {
+    if (!rs || s.after_block) {
       std::fill(d, d + opix, 0.0f);
     } else {
       const float* r = rs + o * opix;
-      for (size_t i = 0; i < opix; ++i) d[i] = post_relu ? Relu(r[i]) : r[i];
+      for (size_t i = 0; i < opix; ++i) d[i] = s.post_relu ? Relu(r[i]) : r[i];
     }
   }
-  if (outs.empty()) return ffi::Error::Success();
+  if (outs.empty()) return;
 
   // A depthwise conv reads exactly the channels it computes.
-  const std::vector<int>& packed = depthwise ? outs : in_idx;
+  const std::vector<int>& packed = s.depthwise ? outs : in_idx;
   static thread_local std::vector<float> xp;
   xp.resize(std::max<size_t>(1, packed.size() * static_cast<size_t>(g.plane)));
   PackInput(g, xs, packed.data(), static_cast<int>(packed.size()), xp.data());
-  Layer L{&g, xp.data(), w.typed_data(), b.typed_data(), rs, gated ? mask : nullptr,
+  Layer L{&g, xp.data(), s.w, s.b, rs, s.gated ? mask : nullptr,
           packed.data(), static_cast<int>(packed.size()), outs.data(),
-          static_cast<int>(outs.size()), relu, post_relu, after_block, ys};
-  if (depthwise)
+          static_cast<int>(outs.size()), s.relu, s.post_relu, s.after_block, ys};
+  if (s.depthwise)
     RunDepthwise(L);
   else
     RunParallel(L, pool);
+}
+
+
+
+ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::F32> head_w, ffi::Buffer<ffi::F32> head_b,
+                         ffi::Buffer<ffi::F32> head_colsum, ffi::Buffer<ffi::F32> residual,
+                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> logits,
+                         ffi::ResultBuffer<ffi::F32> mask_out,
+                         int64_t stride, int64_t pad, bool relu, bool post_relu,
+                         bool after_block, bool pool_max, bool softmax, bool sparse,
+                         bool depthwise) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || wd[1] != (depthwise ? 1 : xd[1]) ||
+      (depthwise && wd[0] != xd[1]) || wd[2] != wd[3] || wd[2] > 8)
+    return ffi::Error::InvalidArgument(
+        "gated_conv: expected x (N,Cin,H,W) and w (Cout,Cin,k,k) (depthwise: (Cin,1,k,k)), "
+        "k<=8");
+  const int n = xd[0];
+  Spec s{MakeGeometry(xd[1], xd[2], xd[3], wd[0], wd[2], stride, pad), w.typed_data(),
+         b.typed_data(), head_w.typed_data(), head_b.typed_data(), head_colsum.typed_data(),
+         head_w.element_count() > 0, relu, post_relu, after_block, pool_max, softmax, sparse,
+         depthwise};
+  const Geometry& g = s.g;
+  const bool has_res = residual.element_count() > 0;
+  if (s.gated && (head_w.element_count() != static_cast<size_t>(g.cin) * g.cout ||
+                  head_b.element_count() != static_cast<size_t>(g.cout) ||
+                  head_colsum.element_count() != static_cast<size_t>(g.cout)))
+    return ffi::Error::InvalidArgument(
+        "gated_conv: head must be (Cin,Cout), (Cout,) and its column sums (Cout,)");
+  const size_t in_size = static_cast<size_t>(g.cin) * g.h * g.w;
+  const size_t out_size = static_cast<size_t>(g.cout) * g.ho * g.wo;
+  if (has_res && residual.element_count() != n * out_size)
+    return ffi::Error::InvalidArgument("gated_conv: residual must be (N,Cout,Ho,Wo)");
+  const float* xs = x.typed_data();
+  const float* rs = has_res ? residual.typed_data() : nullptr;
+  float* ys = y->typed_data();
+  float* ls = logits->typed_data();
+  float* ms = mask_out->typed_data();
+  auto sample = [&](int i, ffi::ThreadPool* p) {
+    RunSample(s, xs + i * in_size, rs ? rs + i * out_size : nullptr, ys + i * out_size,
+              ls + static_cast<size_t>(i) * g.cout, ms + static_cast<size_t>(i) * g.cout, p);
+  };
+  if (n == 1) {
+    sample(0, &pool);  // the threads split the sample's conv
+    return ffi::Error::Success();
+  }
+  // Per-sample masks make a batch independent samples: the threads split the samples,
+  // each sample runs on one thread (no barrier inside a sample's layer).
+  int64_t macs = static_cast<int64_t>(n) * g.cout * (depthwise ? 1 : g.cin) * g.k * g.k *
+                 g.ho * g.wo;
+  int helpers = macs < kMinParallelMacs ? 0 : static_cast<int>(pool.num_threads());
+  ParallelFor(&pool, helpers, n, [&sample](int i) { sample(i, nullptr); });
   return ffi::Error::Success();
 }
 
