@@ -576,7 +576,7 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
                                    (step // steps_per_epoch) % config.checkpoint_every_epochs == 0)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.console)
-  step, saved = start_step or 0, start_step
+  step = start_step or 0
   pending, result = [], None
   if (start_step is not None and is_eval_step(step) and not checkpoint.has_metrics(workdir, step)
       and not (workdir / 'eval' / f'{step}.json').exists()):
@@ -600,11 +600,10 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
       if calibrator is not None and step == total_steps and calibrator.due(step):
         state = calibrator(state, step)  # the final calibration, before the last eval
       result = run_eval(step) if is_eval_step(step) else None
-      if is_checkpoint_step(step) or (stop and step > (saved or 0)):
+      if is_checkpoint_step(step) or stop:
         save(step, result)   # an epoch boundary's evaluation first, even when stopping
-        saved = step
       if stop and step < total_steps:
-        manager.wait_until_finished()
+        manager.wait_until_finished()   # the checkpoint is complete before we say so
         return preempted(step, f'checkpoint written at step {step}', preemption)
   finally:
     manager.wait_until_finished()
