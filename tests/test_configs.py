@@ -85,3 +85,13 @@ def test_paper_rows_keep_the_authors_head_input():
   for path in CONFIGS:
     if path.name != 'default.py':
       assert load(path).gate.head_norm == 'none', path.name
+
+
+def test_paper_rows_use_the_reference_profile():
+  """SPEC 7 rows reproduce the authors' numbers, so they run the authors' behaviour (SPEC 9);
+  the digits demo is no paper row and stays on SPEC's."""
+  for path in CONFIGS:
+    want = 'spec' if path.name == 'default.py' else 'reference'
+    assert load(path).fidelity == want, path.name
+    assert config_lib.fidelity_option(load(path), 'shortcut_pad') == (
+        'both' if want == 'spec' else 'end')
