@@ -251,20 +251,22 @@ def calibrate(model, variables, prof: flops.Profile, config, batches: list, mesh
   means, count = estimate.sample_means(cost, variables, batches, mesh)
   dense = flops.dense_macs(prof)
 
+  passes = {}   # offset -> reductions: each is one pass over the sample
+
   def reductions(offset):
-    m = means(offset)
-    return {acc: 1.0 - m[f'macs_{acc}'] / dense for acc in config_lib.ACCOUNTINGS}
+    if offset not in passes:
+      m = means(offset)
+      passes[offset] = {acc: 1.0 - m[f'macs_{acc}'] / dense for acc in config_lib.ACCOUNTINGS}
+    return passes[offset]
 
   reduction_at = lambda o: reductions(o)[accounting]
   least, most = reduction_at(FAR), reduction_at(-FAR)
   check_reachable(target, least, most, 'this model (on training examples)', 'every head on')
-  before = reductions(0.0)
-  offset, _, evaluations = search_offset(reduction_at, target)
-  after = reductions(offset)
+  offset, _, _ = search_offset(reduction_at, target)
   return {'offset': float(offset), 'target_reduction': target, 'accounting': accounting,
-          'sample_examples': count, 'sample_reduction_before': before,
-          'sample_reduction_after': after, 'reachable': [least, most],
-          'evaluations': evaluations + 2}
+          'sample_examples': count, 'sample_reduction_before': reductions(0.0),
+          'sample_reduction_after': reductions(offset), 'reachable': [least, most],
+          'evaluations': len(passes)}
 
 
 # ------------------------------------------------------------------ in the training loop
@@ -300,9 +302,9 @@ class Calibrator:
         budget=bs.replace(offset=bs.offset + delta,
                           calibrations=jnp.full_like(bs.calibrations, self.done))),
         NamedSharding(self.mesh, P()))
-    logging.info('budget calibration at step %d: head-logit offset %+.5f (total %+.5f); '
-                 'training-sample reduction %s -> %s', step, delta,
-                 float(jax.device_get(state.budget.offset)),
+    logging.info('budget calibration at step %d: head-logit offset %+.5f (total %+.5f, %d '
+                 'evaluations); training-sample reduction %s -> %s', step, delta,
+                 float(jax.device_get(state.budget.offset)), record['evaluations'],
                  record['sample_reduction_before'], record['sample_reduction_after'])
     return state
 
