@@ -13,6 +13,6 @@ _cache = tempfile.mkdtemp(prefix='fttw_jax_test_cache_')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _cache)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-# The C++ custom call (fttw_jax.native) is built once per run into a private cache,
+# The C++ custom call (fttw_jax.sparse.kernel) is built once per run into a private cache,
 # from the source under test.
 os.environ.setdefault('FTTW_JAX_CACHE', tempfile.mkdtemp(prefix='fttw_jax_native_'))

@@ -87,7 +87,7 @@ def skip_without_compiler():
   (a compiler that is there but fails the build is a test failure, not a skip)."""
   cxx = os.environ.get('CXX', 'c++')
   if shutil.which(cxx) is None:
-    pytest.skip(f'no C++ compiler {cxx!r}: fttw_jax.native cannot be built here')
+    pytest.skip(f'no C++ compiler {cxx!r}: fttw_jax.sparse.kernel cannot be built here')
 
 
 def assert_matches_apply(runner, model, variables, x):
