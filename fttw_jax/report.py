@@ -165,6 +165,16 @@ def plot_curves(series: dict, gated: bool, cooldown: int | None,
   return _save(fig, path)
 
 
+def _layer_axis(ax, layers: Sequence[str], ylabel: str) -> None:
+  """Masked convs along x (execution order), a fraction in [0, 1] along y."""
+  ax.set_xticks(np.arange(len(layers)), layers, rotation=60, ha='right',
+                rotation_mode='anchor', fontsize=8 if len(layers) < 30 else 6)
+  ax.set_ylim(0, 1.22)
+  ax.set_yticks(np.linspace(0, 1, 6))
+  ax.set_ylabel(ylabel)
+  ax.set_xlabel('masked conv (execution order)')
+
+
 def plot_active_ratio(layers: Sequence[str], predicted: np.ndarray, target: np.ndarray | None,
                       estimate: dict | None, path: epath.Path) -> epath.Path:
   """Per-layer mean active-channel ratio in execution order (bars = applied masks)."""
@@ -179,12 +189,7 @@ def plot_active_ratio(layers: Sequence[str], predicted: np.ndarray, target: np.n
     est = [estimate.get(n, np.nan) for n in layers]
     ax.plot(x, est, ls='none', marker='o', ms=5, mfc='none', color=COLORS['dense'],
             label='targets of the dense model (estimate)')
-  ax.set_xticks(x, layers, rotation=60, ha='right', rotation_mode='anchor',
-                fontsize=8 if len(layers) < 30 else 6)
-  ax.set_ylim(0, 1.22)
-  ax.set_yticks(np.linspace(0, 1, 6))
-  ax.set_ylabel('mean fraction of channels on')
-  ax.set_xlabel('masked conv (execution order)')
+  _layer_axis(ax, layers, 'mean fraction of channels on')
   ax.set_title('Active-channel ratio per layer (test split)')
   ax.grid(axis='y', alpha=0.3)
   ax.legend(loc='upper center', ncols=3, fontsize=8, frameon=False)
@@ -307,12 +312,7 @@ def plot_dynamism(dynamism: dict, layers: Sequence[str], path: epath.Path) -> ep
     bottom = bottom + v
   ax.plot(x, get(targets, 'dynamic'), ls='none', marker='o', ms=5, color=COLORS['target'],
           label='targets: input-dependent')
-  ax.set_xticks(x, layers, rotation=60, ha='right', rotation_mode='anchor',
-                fontsize=8 if len(layers) < 30 else 6)
-  ax.set_ylim(0, 1.22)
-  ax.set_yticks(np.linspace(0, 1, 6))
-  ax.set_ylabel('fraction of the layer\'s channels')
-  ax.set_xlabel('masked conv (execution order)')
+  _layer_axis(ax, layers, 'fraction of the layer\'s channels')
   overall = dynamism['mask']['overall']['dynamic']
   ax.set_title(f'Which channels depend on the input (test split; masks {100 * overall:.1f} % '
                f"dynamic, targets {100 * dynamism['target']['overall']['dynamic']:.1f} %)")

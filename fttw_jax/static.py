@@ -94,8 +94,9 @@ def match_cost(frequency: Mapping[str, np.ndarray], kept: Mapping[str, float],
   """The largest scale of the dynamic model's per-layer widths whose static mask costs
   at most ``target_macs`` (``cost_fn(keep) -> mean MACs``, heads excluded).
 
-  Cost grows with the scale (the kept sets are nested), so bisection over the
-  scale in [0, max C / kept] finds it; ``steps`` halvings, ``cost_fn`` called once
+  The kept sets are nested in the scale, so the cost grows with it (up to the rare
+  channel whose input turns all-zero), and bisection over the scale in
+  [0, max C / kept] finds it; ``steps`` halvings, ``cost_fn`` called once
   per distinct set of widths.
   """
   channels = {k: np.asarray(f).size for k, f in frequency.items()}

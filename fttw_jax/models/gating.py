@@ -56,9 +56,9 @@ class GateConfig:
       and bias uniform in +-1/sqrt(fan_in); SPEC 9.5).
     head_norm: what the head's dense layer sees after pool (and softmax).
       'none' (paper and reference): the softmax output itself, ~1/Cin per
-      channel plus small deviations, so that in a short run the mask loss
-      gradient moves the biases far more than the weights and the heads
-      settle on one input-independent mask. 'standardize': per sample,
+      channel plus small deviations; in the short digits demo the heads then
+      settle on one input-independent mask (issue 19: the weights' gradient
+      is ~1/Cin of the biases'). 'standardize': per sample,
       subtract the mean over channels and divide by the standard deviation
       (+1e-6), so the head's weights see O(1) inputs (issue 19).
     mask_source: which mask multiplies the output: the heads' 'predicted' mask
