@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fttw_jax.models.conv_impl import CONV_IMPLS, compiler_options
 from fttw_jax.models.gating import HEAD_NAME, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from fttw_jax.models.resnet import ResNet
@@ -38,7 +39,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
                  width: float = 1.0, dtype: str = 'float32',
-                 bn_axis_name: str | None = None) -> Any:
+                 bn_axis_name: str | None = None, conv_impl: str = 'xla') -> Any:
   """Build a registered backbone; ``gate=None`` gives the plain baseline network."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
@@ -48,8 +49,11 @@ def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
     raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
   if not width > 0:
     raise ValueError(f'width multiplier must be > 0, got {width!r}')
+  if conv_impl not in ('xla', 'cpu'):
+    raise ValueError(f"conv_impl={conv_impl!r} is invalid here; valid: 'xla', 'cpu' "
+                     "(conv_impl.resolve turns 'auto' into one of them)")
   return MODELS[name](num_classes=num_classes, gate=gate, width=width,
-                      dtype=DTYPES[dtype], bn_axis_name=bn_axis_name)
+                      dtype=DTYPES[dtype], bn_axis_name=bn_axis_name, conv_impl=conv_impl)
 
 
 def is_head_path(path) -> bool:
@@ -57,5 +61,5 @@ def is_head_path(path) -> bool:
   return HEAD_NAME in tuple(getattr(k, 'key', k) for k in path)
 
 
-__all__ = ['MODELS', 'IMAGENET_MODELS', 'GateConfig', 'GatedConv', 'create_model',
+__all__ = ['MODELS', 'IMAGENET_MODELS', 'CONV_IMPLS', 'compiler_options', 'GateConfig', 'GatedConv', 'create_model',
            'is_head_path']

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from fttw_jax import ftwt
+from fttw_jax.models import batch_norm as batch_norm_lib
+from fttw_jax.models.conv_impl import layer_boundary
 
 HEAD_NAME = 'head'
 POOLS = ('avg', 'max')
@@ -72,8 +74,12 @@ def check_images(x: jax.Array) -> None:
         f'expected images of rank 4 (N, H, W, C), got shape {tuple(x.shape)}')
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str):
+def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str,
+               conv_impl: str = 'xla'):
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
+  if train and conv_impl == 'cpu':  # same variables, own VJP (batch_norm.py)
+    return batch_norm_lib.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype,
+                                    axis_name=axis_name, name=name)
   return nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
       axis_name=axis_name if train else None, name=name)
@@ -116,6 +122,7 @@ class GatedConv(nn.Module):
   gate: GateConfig | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'  # 'xla' | 'cpu' (models/conv_impl.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
@@ -129,7 +136,7 @@ class GatedConv(nn.Module):
         strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
         feature_group_count=cin if self.depthwise else 1, use_bias=self.use_bias,
         dtype=self.dtype, name='conv')(x)
-    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn')(z)
+    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn', self.conv_impl)(z)
 
     act = ACTIVATIONS[self.act]
     finish = lambda t: t
@@ -141,7 +148,7 @@ class GatedConv(nn.Module):
       y = act(z)
       finish = lambda t: nn.relu(t + residual)
     if self.gate is None:
-      return finish(y), {}
+      return layer_boundary(finish(y), self.conv_impl), {}
 
     gate = self.gate
     head_in = x if gate.mode == 'joint' else jax.lax.stop_gradient(x)
@@ -162,7 +169,7 @@ class GatedConv(nn.Module):
     if self.depthwise and gate.mask_source != 'ones':
       # SPEC 2.2: a channel switched off upstream stays off.
       mask = mask * in_nz
-    out = finish(y * mask[:, None, None, :].astype(y.dtype))
+    out = layer_boundary(finish(y * mask[:, None, None, :].astype(y.dtype)), self.conv_impl)
     entry = {'logits': logits, 'target': target, 'mask': mask, 'in_nz': in_nz}
     return out, {'/'.join(self.scope.path): entry}
 
@@ -172,14 +179,15 @@ class GatedNetwork(nn.Module):
   gate: GateConfig | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_impl: str = 'xla'
 
   def gated_conv(self, features: int, kernel_size: int = 3, strides: int = 1,
                  **kwargs) -> GatedConv:
     return GatedConv(features, kernel_size, strides, gate=self.gate, dtype=self.dtype,
-                     bn_axis_name=self.bn_axis_name, **kwargs)
+                     bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl, **kwargs)
 
   def batch_norm(self, train: bool, name: str):
-    return batch_norm(train, self.bn_axis_name, self.dtype, name)
+    return batch_norm(train, self.bn_axis_name, self.dtype, name, self.conv_impl)
 
 
 class Backbone(GatedNetwork, kw_only=True):

@@ -68,7 +68,8 @@ class MobileNetV2(Backbone, kw_only=True):
       for b in range(n):
         x, g = InvertedResidual(
             expansion=t, features=self.scaled(c), strides=s if b == 0 else 1, gate=self.gate,
-            dtype=self.dtype, bn_axis_name=self.bn_axis_name, name=f'block{index}')(x, train)
+            dtype=self.dtype, bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
+            name=f'block{index}')(x, train)
         gates.update(g)
         index += 1
     x, g = self.gated_conv(self.scaled(1280), 1, name='final_conv')(x, train)

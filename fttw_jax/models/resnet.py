@@ -67,6 +67,7 @@ class ResNet(Backbone, kw_only=True):
         x, g = BasicBlock(
             features=features, strides=2 if stage > 0 and b == 0 else 1,
             shortcut='conv' if self.imagenet else 'pad', gate=self.gate, dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name, name=f'layer{stage + 1}_{b}')(x, train)
+            bn_axis_name=self.bn_axis_name, conv_impl=self.conv_impl,
+            name=f'layer{stage + 1}_{b}')(x, train)
         gates.update(g)
     return self.classify(AvgPool(0, counted=True, name='pool')(x), gates)
