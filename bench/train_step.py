@@ -1,11 +1,17 @@
 """Time the jitted baseline and gated (FTWT) train steps side by side; print JSON.
 
   python bench/train_step.py --model resnet56 --batch 128 --steps 10 --warmup 2
+  python bench/train_step.py --model resnet56 --compare-torch --compare-xla
 
 Both steps are the project's own ``train.train_step`` over the same mesh and
-batch; they are timed in alternation (A B A B ...) so that drift on a shared
-machine hits both alike. ``gated_over_baseline_ratio`` = median gated / median
-baseline.
+batch; every runner is timed in alternation (A B C A B C ...) so that drift on a
+shared machine hits all alike. ``gated_over_baseline_ratio`` = median gated /
+median baseline. ``--compare-xla`` adds the baseline step built with
+``conv_impl='xla'`` (XLA's own ops and passes) as ``baseline_xla``.
+``--compare-torch`` adds the same dense network in PyTorch (``torch_models.py``,
+NCHW and channels_last, ``--torch-threads`` threads) doing the same SGD step:
+``ours_over_torch_dense`` = baseline / torch NCHW, ``ours_gated_over_torch_dense`` =
+gated / torch NCHW. Without torch installed it says so in the JSON and skips it.
 """
 
 import argparse
@@ -28,6 +34,12 @@ def parse_args(argv=None):
   p.add_argument('--dataset', default='cifar10', help='sets input size and classes only')
   p.add_argument('--device', default=None, help="'cpu' or 'gpu' (default: JAX's default)")
   p.add_argument('--threshold', type=float, default=0.9, help='mass r of the gated step')
+  p.add_argument('--conv-impl', default='auto', help="config.conv_impl of both steps")
+  p.add_argument('--compare-xla', action='store_true',
+                 help="also time the baseline step with conv_impl='xla'")
+  p.add_argument('--compare-torch', action='store_true',
+                 help='also time the same dense step in PyTorch (CPU)')
+  p.add_argument('--torch-threads', type=int, default=2)
   return p.parse_args(argv)
 
 
@@ -48,59 +60,110 @@ def build_step(config, stage, mesh, info):
   return step, state
 
 
+def jax_runner(step, state, batch):
+  """A callable running one step (state carried over), and its first call's seconds."""
+  import jax
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready((holder[0], metrics))
+  start = time.perf_counter()
+  run()
+  return run, time.perf_counter() - start
+
+
+def torch_runners(args, images, labels, num_classes):
+  """{name: callable} for the torch dense step in NCHW and channels_last, or a reason."""
+  try:
+    import torch
+  except ImportError:
+    return {}, 'skipped: torch is not installed (pip install -r requirements-test.txt)'
+  import torch_models
+  torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(0)
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(labels.astype('int64'))
+  runners = {}
+  for name, fmt in (('torch_dense', torch.contiguous_format),
+                    ('torch_dense_channels_last', torch.channels_last)):
+    model = torch_models.create(args.model, num_classes).to(memory_format=fmt)
+    step, xf = torch_models.make_step(model), x.contiguous(memory_format=fmt)
+    runners[name] = (lambda step=step, xf=xf: step(xf, y))
+  return runners, f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.compare_torch and args.width != 1.0:
+    raise SystemExit(f'--compare-torch builds full-width networks; got --width={args.width}')
   if args.device:
     os.environ['JAX_PLATFORMS'] = args.device
   import jax
   import numpy as np
-  from fttw_jax import data, train
+  from fttw_jax import data, models, train
   from fttw_jax import config as config_lib
 
   info = data.get_info(args.dataset)
   config = config_lib.base_config()
   config.model, config.width, config.dataset = args.model, args.width, args.dataset
   config.batch_size, config.gate.threshold = args.batch, args.threshold
+  config.conv_impl = args.conv_impl
+  config_lib.validate(config)
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
-  batch = data.shard_batch({
-      'image': rng.integers(0, 256, (args.batch, info.image_size, info.image_size, 3),
-                            dtype=np.uint8),
-      'label': rng.integers(0, info.num_classes, (args.batch,), dtype=np.int32)}, mesh)
+  images = rng.integers(0, 256, (args.batch, info.image_size, info.image_size, 3),
+                        dtype=np.uint8)
+  labels = rng.integers(0, info.num_classes, (args.batch,), dtype=np.int32)
+  batch = data.shard_batch({'image': images, 'label': labels}, mesh)
 
-  runners, times = {}, {'baseline': [], 'gated': []}
-  for stage, key in (('baseline', 'baseline'), ('ftwt', 'gated')):
-    step, state = build_step(config, stage, mesh, info)
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    runners[key] = [step, state, time.perf_counter() - start]
+  builds = [('baseline', 'baseline', config), ('gated', 'ftwt', config)]
+  if args.compare_xla:
+    xla = config.copy_and_resolve_references()
+    xla.conv_impl = 'xla'
+    builds.append(('baseline_xla', 'baseline', xla))
+  runners, first_call = {}, {}
+  for key, stage, cfg in builds:
+    runners[key], first_call[key] = jax_runner(*build_step(cfg, stage, mesh, info), batch)
+  torch_note = None
+  if args.compare_torch:
+    normalized = np.asarray(data.normalize(images, args.dataset))
+    more, torch_note = torch_runners(args, normalized, labels, info.num_classes)
+    for key, run in more.items():
+      start = time.perf_counter()
+      run()
+      runners[key], first_call[key] = run, time.perf_counter() - start
 
-  def run_once(key):
-    step, state, _ = runners[key]
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    runners[key][1] = state
-    return time.perf_counter() - start
-
+  times = {k: [] for k in runners}
   for i in range(args.warmup + args.steps):
-    for key in ('baseline', 'gated'):
-      t = run_once(key)
+    for key, run in runners.items():
+      start = time.perf_counter()
+      run()
       if i >= args.warmup:
-        times[key].append(t * 1e3)
+        times[key].append((time.perf_counter() - start) * 1e3)
 
   med = {k: statistics.median(v) for k, v in times.items()}
-  print(json.dumps({
+  out = {
       'model': args.model, 'width': args.width, 'batch': args.batch, 'steps': args.steps,
       'device': f'{jax.default_backend()}:{jax.devices()[0].device_kind} x{jax.device_count()}',
-      'baseline_ms_median': round(med['baseline'], 3),
-      'baseline_ms_min_max': [round(min(times['baseline']), 3), round(max(times['baseline']), 3)],
-      'gated_ms_median': round(med['gated'], 3),
-      'gated_ms_min_max': [round(min(times['gated']), 3), round(max(times['gated']), 3)],
-      'first_call_s': {k: round(v[2], 2) for k, v in runners.items()},
-      'gated_over_baseline_ratio': round(med['gated'] / med['baseline'], 4),
-  }))
+      'conv_impl': models.conv_impl.resolve(args.conv_impl),
+      'load_avg_1min': round(os.getloadavg()[0], 2),
+  }
+  for k, v in times.items():
+    out[f'{k}_ms_median'] = round(med[k], 3)
+    out[f'{k}_ms_min_max'] = [round(min(v), 3), round(max(v), 3)]
+  out['first_call_s'] = {k: round(v, 2) for k, v in first_call.items()}
+  out['gated_over_baseline_ratio'] = round(med['gated'] / med['baseline'], 4)
+  if 'baseline_xla' in med:
+    out['baseline_over_baseline_xla'] = round(med['baseline'] / med['baseline_xla'], 4)
+  if args.compare_torch:
+    out['torch'] = torch_note
+    if 'torch_dense' in med:
+      out['ours_over_torch_dense'] = round(med['baseline'] / med['torch_dense'], 4)
+      out['ours_gated_over_torch_dense'] = round(med['gated'] / med['torch_dense'], 4)
+      out['ours_over_torch_channels_last'] = round(
+          med['baseline'] / med['torch_dense_channels_last'], 4)
+  print(json.dumps(out))
 
 
 if __name__ == '__main__':

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = 'resnet20'
   c.width = 1.0                 # channel width multiplier
   c.dtype = 'float32'           # compute dtype; params stay float32
+  c.conv_impl = 'auto'          # 'auto' (per backend) | 'xla' | 'cpu': models/conv_impl.py
   c.dataset = 'digits'
   c.data_dir = ''               # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
   c.stage = 'baseline'          # 'baseline' (dense, no heads) or 'ftwt' (gated)
@@ -158,6 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice('model', config.model, sorted(models.MODELS))
   _choice('stage', config.stage, STAGES)
   _choice('dtype', config.dtype, sorted(models.DTYPES))
+  _choice('conv_impl', config.get('conv_impl', 'auto'), models.CONV_IMPLS)
   _choice('head_init', config.head_init, HEAD_INITS)
   _choice('flops_accounting', config.flops_accounting, ACCOUNTINGS)
   _choice('fidelity', config.fidelity, FIDELITIES)
@@ -230,7 +232,8 @@ def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
   return models.create_model(
       config.model, num_classes=num_classes, gate=gate_config(config, **gate_overrides),
       width=config.width, dtype=config.dtype, bn_axis_name=bn_axis_name,
-      options=backbone_options(config))
+      options=backbone_options(config),
+      conv_impl=models.conv_impl.resolve(config.get('conv_impl', 'auto')))
 
 
 # The fields that decide a checkpoint's parameter tree: one workdir, one experiment.

@@ -56,10 +56,16 @@ def channel_scores(y: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(jnp.asarray(y, jnp.float32)), axis=(1, 2))
 
 
-def _rank_descending(s: jax.Array) -> jax.Array:
-  """Rank of each channel (0 = largest); ties go to the lower channel index."""
-  order = jnp.argsort(-s, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True), order
+def _order_descending(s: jax.Array) -> jax.Array:
+  """(N, C) channel indices from the largest score down; ties: lower index first."""
+  return jnp.argsort(-s, axis=-1, stable=True)
+
+
+def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+  """Values given per sorted position, moved back to their channels: a scatter
+  (inverting the permutation by a second argsort costs XLA:CPU as much as the first)."""
+  rows = jnp.arange(order.shape[0])[:, None]
+  return jnp.zeros_like(sorted_values).at[rows, order].set(sorted_values, unique_indices=True)
 
 
 def mass_targets(y: jax.Array, r) -> jax.Array:
@@ -72,10 +78,9 @@ def mass_targets(y: jax.Array, r) -> jax.Array:
   s = channel_scores(y)
   total = jnp.sum(s, axis=-1, keepdims=True)
   p = s / jnp.where(total > 0, total, 1.0)
-  rank, order = _rank_descending(p)
+  order = _order_descending(p)
   q = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
-  keep_sorted = (q - r) <= EPS
-  keep_prefix = jnp.take_along_axis(keep_sorted, rank, axis=-1)
+  keep_prefix = _unsort((q - r) <= EPS, order)
   keep = jnp.where(r == 1.0, p > EPS, keep_prefix)
   keep = jnp.where(r < 0, True, keep)
   keep = jnp.where(total > 0, keep, True)
@@ -88,8 +93,8 @@ def uniform_targets(y: jax.Array, q) -> jax.Array:
   s = channel_scores(y)
   num_channels = s.shape[-1]
   num_drop = jnp.floor(jnp.asarray(q, jnp.float32) * num_channels).astype(jnp.int32)
-  rank, _ = _rank_descending(s)
-  keep = (rank < num_channels - num_drop) & (s > EPS)
+  kept_positions = jnp.arange(num_channels) < num_channels - num_drop
+  keep = _unsort(jnp.broadcast_to(kept_positions, s.shape), _order_descending(s)) & (s > EPS)
   return keep.astype(jnp.float32)
 
 

@@ -77,3 +77,38 @@ def test_conv_widths_reports_macs_and_rejects_bad_shapes():
   assert [r['macs'] for r in out['convs']] == [4 * 4 * 9 * 8 * 8, 4 * 4 * 9 * 16 * 8]
   proc = run_bench('conv_widths.py', '--shapes', '4x8')
   assert proc.returncode == 2 and "'4x8'" in proc.stderr
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'vgg16_bn'])
+def test_torch_reference_models_have_our_shapes(name):
+  """train_step.py --compare-torch times the same network: same parameter shapes."""
+  torch = pytest.importorskip('torch')
+  import jax
+  import torch_models
+  from fttw_jax import models
+  model = models.create_model(name, num_classes=10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3))))
+  ours = sorted(tuple(v.shape) for v in jax.tree.leaves(variables['params']))
+  # torch: OIHW convs -> HWIO, (out, in) linear -> (in, out)
+  theirs = sorted(tuple(p.shape[2:] + p.shape[1::-1]) if p.ndim == 4 else tuple(p.shape[::-1])
+                  for p in torch_models.create(name).parameters())
+  assert ours == theirs
+  x = torch.zeros(2, 3, 32, 32)
+  assert tuple(torch_models.create(name)(x).shape) == (2, 10)
+  with pytest.raises(ValueError, match='resnet57'):
+    torch_models.create('resnet57')
+
+
+@pytest.mark.slow  # three resnet8 train steps compile
+def test_train_step_bench_compares_torch_and_xla():
+  out = bench_json('train_step.py', '--model', 'resnet8', '--batch', '8', '--steps', '2',
+                   '--warmup', '0', '--compare-torch', '--compare-xla')
+  assert out['conv_impl'] == 'cpu' and out['gated_over_baseline_ratio'] > 0
+  assert out['baseline_over_baseline_xla'] > 0
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    assert out['torch'].startswith('skipped')
+  else:
+    assert out['torch'].endswith('2 threads')
+    assert out['ours_over_torch_dense'] > 0 and out['ours_gated_over_torch_dense'] > 0

@@ -56,9 +56,10 @@ def run_steps(config, devices, batches, steps_per_epoch=100, tx=None):
 
 
 @pytest.mark.parametrize('stage', ['baseline', 'ftwt'])
-def test_one_vs_four_devices_same_params(stage):
+@pytest.mark.parametrize('conv_impl', ['xla', 'cpu'])
+def test_one_vs_four_devices_same_params(stage, conv_impl):
   assert jax.device_count() == 4, 'conftest forces 4 CPU devices'
-  config = tiny_config(stage)
+  config = tiny_config(stage, conv_impl=conv_impl)
   batches = synthetic_batches(3)
   _, one, m1 = run_steps(config, jax.devices()[:1], batches)
   _, four, m4 = run_steps(config, jax.devices(), batches)
@@ -67,6 +68,51 @@ def test_one_vs_four_devices_same_params(stage):
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   if stage == 'ftwt':
     assert m4['mask_loss'] > 0 and 0 < m4['mask_accuracy'] <= 1
+
+
+@pytest.mark.parametrize('stage', ['baseline', 'ftwt'])
+def test_cpu_conv_impl_trains_like_xla(stage):
+  """conv_impl='cpu' (own BN VJP, barriers, YNN fusions) = XLA's ops, after 4 steps."""
+  batches = synthetic_batches(4)
+  initial, xla, mx = run_steps(tiny_config(stage, conv_impl='xla'), jax.devices(), batches)
+  _, cpu, mc = run_steps(tiny_config(stage, conv_impl='cpu'), jax.devices(), batches)
+  moved = False
+  for (path, a), b, c in zip(jax.tree.leaves_with_path(xla), jax.tree.leaves(cpu),
+                             jax.tree.leaves(initial)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    moved |= not np.allclose(a, c)
+  assert moved
+  for (path, a), b in zip(jax.tree.leaves_with_path(mx), jax.tree.leaves(mc)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cpu_conv_impl_keeps_layer_barriers_through_compilation():
+  config = tiny_config('baseline', conv_impl='cpu')
+  mesh = train.make_mesh(jax.devices()[:1])
+  texts = {}
+  for impl in ('xla', 'cpu'):
+    config.conv_impl = impl
+    model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+    tx = train.create_optimizer(config, 100, 1000)
+    state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (32, 32, 3),
+                                     mesh)
+    step = train.make_train_step(mesh, model=model, tx=tx, config=config, prof=None,
+                                 steps_per_epoch=100)
+    batch = data.shard_batch(synthetic_batches(1)[0], mesh)
+    texts[impl] = step.lower(state, batch).compile().as_text()
+  assert 'opt-barrier' not in texts['xla']
+  # resnet8: stem + 6 block convs, each barriered forward and backward
+  assert texts['cpu'].count('opt-barrier(') >= 14
+
+
+def test_label_rank_equals_stable_argsort_with_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 4, (200, 10)).astype(np.float32)  # many ties
+  labels = rng.integers(0, 10, (200,)).astype(np.int32)
+  order = np.argsort(-logits, axis=-1, kind='stable')
+  expected = np.argmax(order == labels[:, None], axis=-1)
+  np.testing.assert_array_equal(train.label_rank(jnp.asarray(logits), jnp.asarray(labels)),
+                                expected)
 
 
 def _changed(before, after):
@@ -253,6 +299,7 @@ def test_non_finite_loss_stops_with_step_number(tmp_path, data_dir):
     ('gate.mode', 'both', r"gate.mode='both'.*decoupled"),
     ('stage', 'prune', r"config.stage='prune'"),
     ('batch_size', 0, r'batch_size=0'),
+    ('conv_impl', 'onednn', r"config.conv_impl='onednn'.*'cpu'"),
 ])
 def test_bad_config_values(field, value, message, tmp_path):
   config = tiny_config(**{field: value})

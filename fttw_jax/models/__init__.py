@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fttw_jax.models.conv_impl import CONV_IMPLS, compiler_options
 from fttw_jax.models.gating import HEAD_NAME, BackboneOptions, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from fttw_jax.models.resnet import ResNet
@@ -39,11 +40,12 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
                  width: float = 1.0, dtype: str = 'float32',
                  bn_axis_name: str | None = None,
-                 options: BackboneOptions | None = None) -> Any:
+                 options: BackboneOptions | None = None, conv_impl: str = 'xla') -> Any:
   """Build a registered backbone; ``gate=None`` gives the plain baseline network.
 
   ``options``: shortcut and BatchNorm behaviours (default: SPEC's, see
-  ``BackboneOptions``); they change no parameter shape.
+  ``BackboneOptions``); ``conv_impl``: 'xla' or 'cpu' (``models.conv_impl``). Neither
+  changes a parameter shape.
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
@@ -53,9 +55,12 @@ def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
     raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
   if not width > 0:
     raise ValueError(f'width multiplier must be > 0, got {width!r}')
+  if conv_impl not in ('xla', 'cpu'):
+    raise ValueError(f"conv_impl={conv_impl!r} is invalid here; valid: 'xla', 'cpu' "
+                     "(conv_impl.resolve turns 'auto' into one of them)")
   return MODELS[name](num_classes=num_classes, gate=gate, width=width,
                       dtype=DTYPES[dtype], bn_axis_name=bn_axis_name,
-                      options=options or BackboneOptions())
+                      options=options or BackboneOptions(), conv_impl=conv_impl)
 
 
 def is_head_path(path) -> bool:
@@ -63,5 +68,6 @@ def is_head_path(path) -> bool:
   return HEAD_NAME in tuple(getattr(k, 'key', k) for k in path)
 
 
-__all__ = ['MODELS', 'IMAGENET_MODELS', 'BackboneOptions', 'GateConfig', 'GatedConv', 'create_model',
+__all__ = ['MODELS', 'IMAGENET_MODELS', 'BackboneOptions', 'CONV_IMPLS', 'compiler_options',
+           'GateConfig', 'GatedConv', 'create_model',
            'is_head_path']

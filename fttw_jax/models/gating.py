@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from fttw_jax import ftwt
+from fttw_jax.models.batch_norm import BatchNorm
+from fttw_jax.models.conv_impl import layer_boundary
 
 HEAD_NAME = 'head'
 POOLS = ('avg', 'max')
@@ -120,53 +122,13 @@ def check_images(x: jax.Array) -> None:
         f'expected images of rank 4 (N, H, W, C), got shape {tuple(x.shape)}')
 
 
-class BatchNorm(nn.Module):
-  """BatchNorm over N, H, W with PyTorch's defaults (momentum 0.1, eps 1e-5).
-
-  The same variables as ``nn.BatchNorm`` (params scale/bias, batch_stats
-  mean/var) and the same float32 statistics, pmean-ed over ``axis_name``;
-  ``running_var`` says which batch variance updates the running one: 'biased'
-  (as ``nn.BatchNorm``) or 'unbiased', n/(n-1) over the global batch (PyTorch).
-  Normalisation always uses the biased batch variance, as both frameworks do.
-  """
-  use_running_average: bool
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
-  running_var: str = 'biased'
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean, mean2 = jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)
-      n = x.size // c
-      if self.axis_name is not None and not self.is_initializing():
-        mean, mean2 = jax.lax.pmean((mean, mean2), self.axis_name)
-        n = n * jax.lax.psum(1, self.axis_name)
-      var = jnp.maximum(0.0, mean2 - jnp.square(mean))
-      if not self.is_initializing():
-        update = var * (n / jnp.maximum(n - 1, 1)) if self.running_var == 'unbiased' else var
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * update
-    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.astype(self.dtype)
-
-
 def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str,
-               running_var: str = 'biased'):
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
+               running_var: str = 'biased', conv_impl: str = 'xla'):
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5); train mode under
+  ``conv_impl='cpu'`` takes its own VJP (batch_norm.py)."""
   return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
-                   dtype=dtype, running_var=running_var, name=name)
+                   dtype=dtype, running_var=running_var,
+                   custom_vjp=train and conv_impl == 'cpu', name=name)
 
 
 def head_initializers(gate: GateConfig, fan_in: int) -> dict:
@@ -225,6 +187,7 @@ class GatedConv(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_running_var: str = 'biased'
+  conv_impl: str = 'xla'  # 'xla' | 'cpu' (models/conv_impl.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
@@ -238,7 +201,8 @@ class GatedConv(nn.Module):
         strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
         feature_group_count=cin if self.depthwise else 1, use_bias=self.use_bias,
         dtype=self.dtype, name='conv')(x)
-    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn', self.bn_running_var)(z)
+    z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn', self.bn_running_var,
+                   self.conv_impl)(z)
 
     act = ACTIVATIONS[self.act]
     finish = lambda t: t
@@ -250,7 +214,7 @@ class GatedConv(nn.Module):
       y = act(z)
       finish = lambda t: nn.relu(t + residual)
     if self.gate is None:
-      return finish(y), {}
+      return layer_boundary(finish(y), self.conv_impl), {}
 
     gate = self.gate
     head_in = x if gate.mode == 'joint' else jax.lax.stop_gradient(x)
@@ -273,7 +237,7 @@ class GatedConv(nn.Module):
     if self.depthwise and gate.mask_source != 'ones' and gate.depthwise_rule == 'follow_input':
       # SPEC 2.2: a channel switched off upstream stays off.
       mask = mask * in_nz
-    out = finish(y * mask[:, None, None, :].astype(y.dtype))
+    out = layer_boundary(finish(y * mask[:, None, None, :].astype(y.dtype)), self.conv_impl)
     entry = {'logits': logits, 'target': target, 'mask': mask, 'in_nz': in_nz}
     return out, {'/'.join(self.scope.path): entry}
 
@@ -284,20 +248,23 @@ class GatedNetwork(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   options: BackboneOptions = BackboneOptions()
+  conv_impl: str = 'xla'  # 'xla' | 'cpu' (models/conv_impl.py): how, not what, it computes
 
   def shared(self) -> dict:
     """The fields above, for building a sub-block with the same options."""
     return {'gate': self.gate, 'dtype': self.dtype, 'bn_axis_name': self.bn_axis_name,
-            'options': self.options}
+            'options': self.options, 'conv_impl': self.conv_impl}
 
   def gated_conv(self, features: int, kernel_size: int = 3, strides: int = 1,
                  **kwargs) -> GatedConv:
     return GatedConv(features, kernel_size, strides, gate=self.gate, dtype=self.dtype,
                      bn_axis_name=self.bn_axis_name,
-                     bn_running_var=self.options.bn_running_var, **kwargs)
+                     bn_running_var=self.options.bn_running_var, conv_impl=self.conv_impl,
+                     **kwargs)
 
   def batch_norm(self, train: bool, name: str):
-    return batch_norm(train, self.bn_axis_name, self.dtype, name, self.options.bn_running_var)
+    return batch_norm(train, self.bn_axis_name, self.dtype, name, self.options.bn_running_var,
+                      self.conv_impl)
 
 
 class Backbone(GatedNetwork, kw_only=True):

@@ -1,0 +1,48 @@
+"""``conv_impl``: how the conv-BN graph of a train step is built and compiled.
+
+* ``'xla'``: XLA's own convolutions, ``nn.BatchNorm`` differentiated by JAX, XLA's
+  default passes. Accelerators (GPU/TPU) always get this.
+* ``'cpu'``: for XLA:CPU, same convolutions and the same results to float32
+  rounding (tests/test_train.py), faster (bench/RESULTS.md): BatchNorm with its own
+  VJP (``batch_norm.py``); an optimization barrier on every gated conv's output,
+  kept through XLA's pipeline, so that XLA stops fusing (and recomputing) chains of
+  earlier BN/ReLU/add ops into the transposes of the weight-gradient convs; and
+  YNNPACK for elementwise ops and reductions only (Eigen keeps the convs).
+* ``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+
+CONV_IMPLS = ('auto', 'xla', 'cpu')
+
+
+def resolve(conv_impl: str, backend: str | None = None) -> str:
+  """'xla' or 'cpu' for ``conv_impl`` on ``backend`` (default: JAX's default backend)."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl={conv_impl!r} is invalid; valid values: {CONV_IMPLS}')
+  backend = backend or jax.default_backend()
+  if conv_impl == 'auto':
+    return 'cpu' if backend == 'cpu' else 'xla'
+  if conv_impl == 'cpu' and backend != 'cpu':
+    raise ValueError(f"conv_impl='cpu' is for the CPU backend; this one is {backend!r} "
+                     "(use 'auto' or 'xla')")
+  return conv_impl
+
+
+def layer_boundary(x, conv_impl: str):
+  """An optimization barrier under 'cpu' (effective with ``compiler_options``)."""
+  return jax.lax.optimization_barrier(x) if conv_impl == 'cpu' else x
+
+
+def compiler_options(conv_impl: str) -> dict | None:
+  """Per-compile XLA options for a jit of a model built with ``conv_impl``."""
+  if conv_impl != 'cpu':
+    return None
+  return {
+      # The pass that would drop the barriers of layer_boundary before fusion.
+      'xla_disable_hlo_passes': 'cse_barrier_expander',
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
+  }
