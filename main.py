@@ -109,9 +109,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   quiet_library_logs()
+  try:
+    config = FLAGS.config
+    config.get('model')  # config_flags defers a config file's load error to its first use
+  except OSError as e:
+    if FLAGS.debug:
+      raise
+    _fail(' '.join(str(e).split()), errors.EXIT_USER_ERROR)
   initialize_distributed()
   try:
-    code = run(FLAGS.config)
+    code = run(config)
   except (errors.UserError, FileNotFoundError) as e:  # a missing dataset or file too
     if FLAGS.debug:
       raise

@@ -379,15 +379,16 @@ def main(argv=None):
 
 
 def static_channels(masks: dict) -> dict:
-  """Per layer, the k channels most often on over the (S, C) masks, k = round(mean
-  kept count) (ties: lower index): the static network with the dynamic one's cost."""
+  """Per layer, the channels most often on over the (S, C) masks, as many as the mean
+  kept count (``fttw_jax.static``'s selection at the dynamic network's widths): the
+  static network of the same cost, as kept channel indices."""
   import numpy as np
-  keep = {}
-  for g, m in masks.items():
-    counts = m.sum(axis=0)
-    k = max(1, int(round(float(counts.sum()) / m.shape[0])))
-    keep[g] = np.sort(np.argsort(-counts, kind='stable')[:k])
-  return keep
+  from fttw_jax import static as static_selection
+  frequency = {g: m.mean(axis=0) for g, m in masks.items()}
+  kept = {g: float(m.sum(axis=1).mean()) for g, m in masks.items()}
+  widths = static_selection.scaled_widths(kept, {g: m.shape[1] for g, m in masks.items()}, 1.0)
+  keep = static_selection.select_channels(frequency, widths)
+  return {g: np.flatnonzero(v) for g, v in keep.items()}
 
 
 def _strip_heads(params):

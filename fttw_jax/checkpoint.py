@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -136,7 +137,25 @@ def _read(mgr: ocp.CheckpointManager, step: int, read):
   try:
     return read(mgr)
   except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+    _drop_closed_loop_reports()
     raise CorruptCheckpointError(describe_failure(step_dir, e)) from None
+
+
+def _drop_closed_loop_reports() -> None:
+  """After a failed read, tensorstore's pending callbacks fire into orbax's closed event
+  loop and each reports 'Event loop is closed' as an unraisable error (dozens of
+  tracebacks after the one-line error). Drop those reports only; others pass through."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _restore(mgr: ocp.CheckpointManager, step: int, args):

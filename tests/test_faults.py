@@ -179,7 +179,8 @@ def test_corrupt_checkpoint_is_one_line_and_resume_falls_back(run, tmp_path, dat
 # ------------------------------------------------------------------ SIGTERM
 
 def _main(workdir, data_dir, *extra):
-  return [sys.executable, str(REPO / 'main.py'), f'--config={REPO}/configs/default.py:ftwt',
+  return [sys.executable, str(REPO / 'main.py'),
+          f'--config={REPO}/configs/default.py:ftwt,r0.7',
           f'--workdir={workdir}', f'--config.data_dir={data_dir}', '--config.width=0.25',
           '--config.model=resnet8', '--config.num_epochs=2', '--config.log_every_steps=1',
           '--config.eval_max_examples=64', *extra]
@@ -224,7 +225,7 @@ def test_sigterm_on_an_epoch_boundary_evaluates_it_once(tmp_path, data_dir):
     assert eval_steps(workdir) == [EPOCH] and checkpoint.has_metrics(workdir, EPOCH)
   saved = tree_snapshot(workdir / 'checkpoints' / str(stopped))
   from configs import default
-  config = default.get_config('ftwt')
+  config = default.get_config('ftwt,r0.7')
   config.data_dir, config.width, config.model, config.num_epochs = data_dir, 0.25, 'resnet8', 2
   config.log_every_steps, config.eval_max_examples, config.head_init = 1, 64, 'random'
   result = train.train_and_evaluate(config, workdir)
