@@ -452,7 +452,7 @@ def test_head_weight_init_ranges():
   for init in models.gating.HEAD_WEIGHT_INITS:
     model = models.create_model('resnet8', num_classes=10, gate=GateConfig(
         head_weight_init=init))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
     heads[init] = jax.tree.map(np.asarray, params['layer3_0']['conv2']['head'])
   assert heads['lecun_normal']['kernel'].shape == (cin, 64)
   assert np.all(heads['lecun_normal']['bias'] == 0)
