@@ -116,7 +116,8 @@ def _unset():
   return ml_collections.config_dict.placeholder(str)
 
 
-def _lookup(config, dotted: str):
+def lookup(config, dotted: str):
+  """config[a][b] for 'a.b'; None where a part is missing (configs saved before it)."""
   node = config
   for part in dotted.split('.'):
     node = node.get(part) if node is not None else None
@@ -129,7 +130,7 @@ def fidelity_option(config, name: str) -> str:
   A config stored before these fields existed (no ``fidelity``) is 'spec'.
   """
   valid, spec, reference = FIDELITY_FIELDS[name]
-  value = _lookup(config, name)
+  value = lookup(config, name)
   if value is None:
     fidelity = config.get('fidelity') or 'spec'
     _choice('fidelity', fidelity, FIDELITIES)

@@ -116,21 +116,11 @@ def per_sample_mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Ar
   return sum(per_layer) / len(per_layer)
 
 
-def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]],
-              sample_weight: jax.Array | None = None) -> jax.Array:
-  """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4).
-
-  ``sample_weight`` (N,) lets padded evaluation examples count zero.
-  """
+def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
+  """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4)."""
   if not gates:
     return jnp.zeros((), jnp.float32)
-  return weighted_mean(per_sample_mask_loss(gates), sample_weight)
-
-
-def weighted_mean(x, w=None):
-  if w is None:
-    return jnp.mean(x)
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.mean(per_sample_mask_loss(gates))
 
 
 def per_sample_mask_stats(gates: Mapping[str, Mapping[str, jax.Array]]) -> dict:
@@ -141,14 +131,6 @@ def per_sample_mask_stats(gates: Mapping[str, Mapping[str, jax.Array]]) -> dict:
   active = {name: jnp.mean(g['mask'].astype(jnp.float32), axis=-1)
             for name, g in gates.items()}
   return {'mask_accuracy': sum(agree) / len(agree), 'active_ratio': active}
-
-
-def mask_metrics(gates: Mapping[str, Mapping[str, jax.Array]],
-                 sample_weight: jax.Array | None = None) -> dict:
-  """Batch mask accuracy and per-layer active ratio (SPEC 4 metrics)."""
-  if not gates:
-    return {'mask_accuracy': jnp.ones((), jnp.float32), 'active_ratio': {}}
-  return jax.tree.map(lambda v: weighted_mean(v, sample_weight), per_sample_mask_stats(gates))
 
 
 def mask_loss_weight(epoch, epochs: int, cooldown: float = 0.5):

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from fttw_jax import data, evaluate, flops, ftwt, train
+from fttw_jax import data, evaluate, evaluation, flops, ftwt, parallel
 from fttw_jax.errors import UserError
 from fttw_jax.models.gating import HEAD_NAME
 
@@ -159,8 +159,8 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
     raise UserError('the static control needs an FTWT (gated) checkpoint; '
                      f'{restored.workdir} holds a {restored.config.stage!r} run')
   cfg, prof = restored.config, restored.profile
-  mesh = train.make_mesh()
-  eval_fn = train.make_eval_step(mesh, model=restored.model, config=cfg, prof=prof)
+  mesh = parallel.make_mesh()
+  eval_fn = evaluation.make_eval_step(mesh, model=restored.model, config=cfg, prof=prof)
   dense = flops.dense_macs(prof)
 
   def batches(limit):
@@ -168,7 +168,7 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
                                      max_examples=limit)
 
   def measure(variables, limit):
-    return train.accumulate(eval_fn, train.replicate(variables, mesh), batches(limit), mesh)
+    return evaluation.accumulate(eval_fn, parallel.replicate(variables, mesh), batches(limit), mesh)
 
   dyn_means, dyn_sums, count = measure(restored.variables, max_examples)
   frequency = channel_frequency(dyn_sums['mask'])
