@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fttw_jax import config as config_lib
-from fttw_jax import convert, data, flops, models, parallel, recipes, train
+from fttw_jax import choices, convert, data, flops, models, parallel, recipes, train
 from fttw_jax.models.gating import BatchNorm, GateConfig
 
 R = 0.8
@@ -449,7 +449,7 @@ def test_head_weight_init_ranges():
   cin, cout = 64, 256
   bound = 1 / np.sqrt(cin)
   heads = {}
-  for init in models.gating.HEAD_WEIGHT_INITS:
+  for init in choices.HEAD_WEIGHT_INITS:
     model = models.create_model('resnet8', num_classes=10, gate=GateConfig(
         head_weight_init=init))
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import traverse_util
 
+from fttw_jax import choices
 from fttw_jax.models.conv_impl import CONV_IMPLS, compiler_options
 from fttw_jax.models.gating import HEAD_NAME, BackboneOptions, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
@@ -35,7 +36,7 @@ MODELS = {
     'mobilenet_v1_imagenet': _P(MobileNetV1, imagenet=True),
 }
 IMAGENET_MODELS = ('resnet18', 'resnet34', 'mobilenet_v1_imagenet')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in choices.DTYPES}  # jnp.float32, jnp.bfloat16
 
 
 def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
