@@ -138,7 +138,7 @@ def train_step_update(bs: BudgetState, step, metrics: dict, config, steps_per_ep
                       dense_macs: int) -> tuple[BudgetState, dict]:
   """The controller's step inside ``train.train_step``, and what it logs."""
   ctrl = Controller.from_config(config, steps_per_epoch)
-  realized = 1.0 - metrics[ctrl.key] / dense_macs
+  realized = flops.reduction(metrics[ctrl.key], dense_macs)
   new = ctrl.update(bs, step, realized)
   return new, {'threshold': new.threshold, 'realized_ema': new.ema, 'offset': new.offset}
 
@@ -255,7 +255,8 @@ def calibrate(model, variables, prof: flops.Profile, config, batches: list, mesh
   def reductions(offset):
     if offset not in passes:
       m = means(offset)
-      passes[offset] = {acc: 1.0 - m[f'macs_{acc}'] / dense for acc in config_lib.ACCOUNTINGS}
+      passes[offset] = {acc: flops.reduction(m[f'macs_{acc}'], dense)
+                        for acc in config_lib.ACCOUNTINGS}
     return passes[offset]
 
   reduction_at = lambda o: reductions(o)[accounting]

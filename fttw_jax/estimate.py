@@ -47,9 +47,9 @@ class Estimator:
     m = self.means(float(threshold))
     dense = flops.dense_macs(self.profile)
     return {'threshold': float(threshold),
-            'flops_reduction_exact': 1.0 - m['macs_exact'] / dense,
-            'flops_reduction_paper': 1.0 - m['macs_paper'] / dense,
-            'flops_reduction_exact_no_heads': 1.0 - m['macs_no_heads'] / dense,
+            'flops_reduction_exact': flops.reduction(m['macs_exact'], dense),
+            'flops_reduction_paper': flops.reduction(m['macs_paper'], dense),
+            'flops_reduction_exact_no_heads': flops.reduction(m['macs_no_heads'], dense),
             'macs_exact': m['macs_exact'], 'macs_paper': m['macs_paper'],
             'active_ratio': evaluate.ordered_ratios(m['active_ratio'], self.profile)}
 

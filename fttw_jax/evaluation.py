@@ -1,9 +1,11 @@
 """The sharded evaluation pass and the eval JSON, shared by training and ``evaluate``.
 
 ``per_example_stats`` lists the per-example values every metric is a mean of (the
-train step averages them too); ``make_eval_step`` jits the eval step over the mesh;
-``accumulate`` runs it over a split and ``summarize`` turns the means into the eval
-JSON that ``write_eval_json`` writes to ``W/eval/<step>.json``.
+train step averages them too). The eval step (``make_eval_step``, jitted over the
+mesh) returns their sums over the global batch, psum-reduced on device;
+``accumulate`` adds those up over a split on device and reads them once at the end;
+``summarize`` turns the means into the eval JSON that ``write_eval_json`` writes to
+``W/eval/<step>.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from fttw_jax import data, flops, ftwt, models
@@ -50,19 +51,22 @@ def per_example_stats(logits, labels, gates, prof):
 
 
 def eval_step(variables, batch, *, model, config, prof):
-  """Per-example eval statistics of one device's slice, with the padding weight, and
-  the mask dynamism sums of the global batch (``ftwt.dynamism_sums``, psum over the mesh)."""
+  """Sums over the global batch (psum over the mesh), padding weighted out: of every
+  per-example statistic, of the examples (``count``) and the mask dynamism sums
+  (``ftwt.dynamism_sums``). Nothing per example leaves the devices."""
   images = data.normalize(batch['image'], config.dataset)
   logits, aux = model.apply(variables, images, train=False)
   gates = aux['gates']
-  sums = jax.lax.psum(ftwt.dynamism_sums(gates, batch['mask']), AXIS)
-  return per_example_stats(logits, batch['label'], gates, prof), batch['mask'], sums
+  weight = batch['mask'].astype(jnp.float32)
+  stats = per_example_stats(logits, batch['label'], gates, prof)
+  return jax.lax.psum({'stats': jax.tree.map(lambda v: jnp.sum(v * weight), stats),
+                       'count': jnp.sum(weight),
+                       'dynamism': ftwt.dynamism_sums(gates, weight)}, AXIS)
 
 
 def make_eval_step(mesh, **kwargs):
   step = functools.partial(eval_step, **kwargs)
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=(P(AXIS), P(AXIS), P())),
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()),
                  compiler_options=models.compiler_options(kwargs['model'].conv_impl))
 
 
@@ -72,22 +76,35 @@ def eval_pass(eval_fn, variables, batches, mesh, prof, gated: bool) -> dict:
   return summarize(means, prof, gated, count, ftwt.dynamism(dyn_sums) if gated else None)
 
 
+@jax.jit
+def _add(total, sums):
+  """Compensated (Neumaier) addition of a tree of float32 sums into running (sum, error)
+  pairs: over a whole split the totals stay within about one float32 rounding."""
+  def add(acc, x):
+    s, c = acc
+    t = s + x
+    return t, c + jnp.where(jnp.abs(s) >= jnp.abs(x), (s - t) + x, (x - t) + s)
+  return jax.tree.map(add, total, sums, is_leaf=lambda v: isinstance(v, tuple))
+
+
 def accumulate(eval_fn, variables, batches, mesh) -> tuple[dict, dict, int]:
-  """(weighted means of the per-example statistics, dynamism sums, example count)."""
-  sums, dyn_sums, count = None, None, 0.0
+  """(means of the per-example statistics, dynamism sums, example count) over ``batches``:
+  the eval step's sums add up on device; the host reads them once, at the end."""
+  total = None
   for batch in batches:
-    stats, weight, batch_dyn = multihost_utils.process_allgather(
-        eval_fn(variables, data.shard_batch(batch, mesh)), tiled=True)
-    weight = np.asarray(weight, np.float64)
-    batch_sums = jax.tree.map(lambda v: np.sum(np.asarray(v, np.float64) * weight), stats)
-    batch_dyn = jax.tree.map(lambda v: np.asarray(v, np.float64), batch_dyn)
-    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-    dyn_sums = batch_dyn if dyn_sums is None else jax.tree.map(np.add, dyn_sums, batch_dyn)
-    count += float(weight.sum())
-  if sums is None:
+    sums = eval_fn(variables, data.shard_batch(batch, mesh))
+    if total is None:
+      total = jax.tree.map(lambda v: (v, jnp.zeros_like(v)), sums)
+    else:
+      total = _add(total, sums)
+  if total is None:
     raise ValueError('the evaluation split yielded no batch')
-  means = jax.tree.map(lambda v: float(v / max(count, 1.0)), sums)
-  return means, dyn_sums, int(count)
+  f64 = lambda v: np.asarray(v, np.float64)
+  host = jax.tree.map(lambda pair: f64(pair[0]) + f64(pair[1]), jax.device_get(total),
+                      is_leaf=lambda v: isinstance(v, tuple))
+  count = float(host['count'])
+  means = jax.tree.map(lambda v: float(v / max(count, 1.0)), host['stats'])
+  return means, host['dynamism'], int(count)
 
 
 def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int,
@@ -104,8 +121,8 @@ def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int,
         loss=means['ce_loss'] + means['mask_loss'], mask_loss=means['mask_loss'],
         mask_accuracy=means['mask_accuracy'], active_ratio=means['active_ratio'],
         macs_exact=means['macs_exact'], macs_paper=means['macs_paper'],
-        flops_reduction_exact=1.0 - means['macs_exact'] / dense,
-        flops_reduction_paper=1.0 - means['macs_paper'] / dense)
+        flops_reduction_exact=flops.reduction(means['macs_exact'], dense),
+        flops_reduction_paper=flops.reduction(means['macs_paper'], dense))
     if dynamism is not None:
       out.update(dynamism=dynamism, dynamic_share=dynamism['mask']['overall']['dynamic'],
                  target_dynamic_share=dynamism['target']['overall']['dynamic'])
