@@ -106,7 +106,8 @@ def test_a_config_parses_without_jax_or_flax():
   repo = epath.Path(__file__).parent.parent
   code = '\n'.join([
       'import importlib.util, sys',
-      'for name in ("default.py", "cifar10_resnet56_r0.80_decoupled.py", "imagenet_resnet18_dense.py"):',
+      'names = ("default.py", "cifar10_resnet56_r0.80_decoupled.py", "imagenet_resnet18_dense.py")',
+      'for name in names:',
       '  spec = importlib.util.spec_from_file_location("c", f"configs/{name}")',
       '  module = importlib.util.module_from_spec(spec)',
       '  spec.loader.exec_module(module)',
