@@ -12,8 +12,12 @@ Exit status: 0 done; 2 bad input (a config value or variant, a missing file, a
 ``--debug``); 3 training hit a non-finite loss or state (nothing of it saved);
 143 preempted by SIGTERM after checkpointing (rerun the same command to resume);
 anything else is a bug and prints its traceback.
+
+Console: our progress lines and every library's warnings; absl's ``--verbosity=1``
+adds every library's INFO lines (tfds, orbax, jax, ...).
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -37,7 +41,8 @@ flags.DEFINE_bool('debug', False, 'Print tracebacks for bad-input errors too.')
 flags.DEFINE_float('target_reduction', None, 'estimate: find the r giving this FLOPs reduction; '
                    'calibrate: the reduction to calibrate the heads to.')
 flags.DEFINE_string('out', None, 'calibrate: the new workdir the calibrated checkpoint goes to.')
-flags.DEFINE_float('estimate_examples', 512, 'estimate: training examples to sample.')
+flags.DEFINE_integer('estimate_examples', 512, 'estimate: training examples to sample.',
+                     lower_bound=1)
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host; '
                   'auto-detected on TPU VMs and SLURM, else give the three flags below).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
@@ -74,9 +79,26 @@ def initialize_distributed():
                jax.default_backend())
 
 
+# Where the console lines of the default verbosity come from: this package (and this
+# file), and clu, whose writers print the metrics and the progress (steps/s, ETA).
+OWN_SOURCES = (os.path.dirname(os.path.abspath(errors.__file__)) + os.sep,
+               os.path.abspath(__file__), f'{os.sep}clu{os.sep}')
+
+
+def console_filter(record) -> bool:
+  """The default console: our progress lines and every library's warnings, except
+  orbax's per-file checkpoint chatter; not the INFO lines of tfds, absl, jax, ..."""
+  if f'{os.sep}orbax{os.sep}' in record.pathname:
+    return False
+  return (record.levelno >= std_logging.WARNING
+          or any(s in os.path.abspath(record.pathname) for s in OWN_SOURCES))
+
+
 def quiet_library_logs():
-  """Keep our INFO progress lines; drop orbax's per-file checkpoint chatter."""
-  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  """At absl's default ``--verbosity=0`` the console gets ``console_filter``'s lines;
+  ``--verbosity=1`` (or ``-v 1``) shows every library's INFO (and DEBUG) lines."""
+  if FLAGS.verbosity < 1:
+    logging.get_absl_handler().addFilter(console_filter)
 
 
 def run(config) -> int:
@@ -91,7 +113,7 @@ def run(config) -> int:
   elif FLAGS.mode == 'estimate':
     from fttw_jax import estimate
     estimate.run(config, FLAGS.workdir, target_reduction=FLAGS.target_reduction,
-                 num_examples=int(FLAGS.estimate_examples))
+                 num_examples=FLAGS.estimate_examples)
   elif FLAGS.mode == 'static':
     from fttw_jax import checkpoint, static
     static.run_checkpoint(config, FLAGS.workdir, checkpoint.parse_which(FLAGS.checkpoint))

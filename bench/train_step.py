@@ -45,13 +45,12 @@ def parse_args(argv=None):
 
 def build_step(config, stage, mesh, info):
   import jax
-  from fttw_jax import flops, train
+  from fttw_jax import flops, parallel, train
   from fttw_jax import config as config_lib
   config = config.copy_and_resolve_references()
   config.stage = stage
-  model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=train.AXIS)
-  eval_model = config_lib.model_from_config(config, info.num_classes)
-  prof = flops.profile(eval_model, (1, info.image_size, info.image_size, 3))
+  model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=parallel.AXIS)
+  prof = flops.profile(model, (1, info.image_size, info.image_size, 3))
   tx = train.create_optimizer(config, 100, 10_000)
   state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx,
                                    (info.image_size, info.image_size, 3), mesh)
@@ -101,7 +100,7 @@ def main(argv=None):
     os.environ['JAX_PLATFORMS'] = args.device
   import jax
   import numpy as np
-  from fttw_jax import data, models, train
+  from fttw_jax import data, models, parallel
   from fttw_jax import config as config_lib
 
   info = data.get_info(args.dataset)
@@ -110,7 +109,7 @@ def main(argv=None):
   config.batch_size, config.gate.threshold = args.batch, args.threshold
   config.conv_impl = args.conv_impl
   config_lib.validate(config)
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.batch, info.image_size, info.image_size, 3),
                         dtype=np.uint8)

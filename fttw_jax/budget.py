@@ -32,10 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from fttw_jax import checkpoint, data, estimate, flops, models
+from fttw_jax import checkpoint, convert, data, estimate, evaluate, evaluation, flops, models
+from fttw_jax import parallel
 from fttw_jax import config as config_lib
 from fttw_jax.errors import UserError
 
@@ -139,7 +138,7 @@ def train_step_update(bs: BudgetState, step, metrics: dict, config, steps_per_ep
                       dense_macs: int) -> tuple[BudgetState, dict]:
   """The controller's step inside ``train.train_step``, and what it logs."""
   ctrl = Controller.from_config(config, steps_per_epoch)
-  realized = 1.0 - metrics[ctrl.key] / dense_macs
+  realized = flops.reduction(metrics[ctrl.key], dense_macs)
   new = ctrl.update(bs, step, realized)
   return new, {'threshold': new.threshold, 'realized_ema': new.ema, 'offset': new.offset}
 
@@ -256,7 +255,8 @@ def calibrate(model, variables, prof: flops.Profile, config, batches: list, mesh
   def reductions(offset):
     if offset not in passes:
       m = means(offset)
-      passes[offset] = {acc: 1.0 - m[f'macs_{acc}'] / dense for acc in config_lib.ACCOUNTINGS}
+      passes[offset] = {acc: flops.reduction(m[f'macs_{acc}'], dense)
+                        for acc in config_lib.ACCOUNTINGS}
     return passes[offset]
 
   reduction_at = lambda o: reductions(o)[accounting]
@@ -276,9 +276,9 @@ class Calibrator:
   the budget) and after the last step. The host knows which are done from the state once,
   at start-up, so no step waits on the device."""
 
-  def __init__(self, config, eval_model, prof, mesh, state, total_steps: int,
+  def __init__(self, config, model, prof, mesh, state, total_steps: int,
                steps_per_epoch: int):
-    self.config, self.model, self.prof, self.mesh = config, eval_model, prof, mesh
+    self.config, self.model, self.prof, self.mesh = config, model, prof, mesh
     self.done = int(jax.device_get(state.budget.calibrations))
     self.cooldown = mask_phase_steps(config, steps_per_epoch)
     self.total = total_steps
@@ -297,29 +297,15 @@ class Calibrator:
     self.done = 1 if step < self.total else 2
     delta = record['offset']
     bs = state.budget
-    state = jax.device_put(state.replace(
+    state = parallel.replicate(state.replace(
         params=shift_heads(state.variables, delta)['params'],
         budget=bs.replace(offset=bs.offset + delta,
-                          calibrations=jnp.full_like(bs.calibrations, self.done))),
-        NamedSharding(self.mesh, P()))
+                          calibrations=jnp.full_like(bs.calibrations, self.done))), self.mesh)
     logging.info('budget calibration at step %d: head-logit offset %+.5f (total %+.5f, %d '
                  'evaluations); training-sample reduction %s -> %s', step, delta,
                  float(jax.device_get(state.budget.offset)), record['evaluations'],
                  record['sample_reduction_before'], record['sample_reduction_after'])
     return state
-
-
-def eval_fields(config, budget_meta: dict | None) -> dict:
-  """Per-evaluation budget fields (eval JSON and TensorBoard) of a gated model."""
-  out = {'threshold': float(config.gate.threshold), 'logit_offset': 0.0}
-  if budget_meta:
-    out.update(threshold=budget_meta['threshold'], logit_offset=budget_meta['offset'])
-  target = (budget_meta or {}).get('target_reduction', config_lib.budget_target(config))
-  if target is not None:
-    out.update(target_reduction=float(target),
-               budget_accounting=(budget_meta or {}).get('accounting',
-                                                         config.budget.accounting))
-  return out
 
 
 # ------------------------------------------------------------------ --mode=calibrate
@@ -331,7 +317,6 @@ def run_calibrate(config, workdir, out, target_reduction, which='latest') -> dic
   its config (with the budget fields set), ``calibration.json`` (accuracy and reductions
   before/after) and ``eval/<step>.json``.
   """
-  from fttw_jax import convert, evaluate, train
   config_lib.check_target_reduction(target_reduction, '--target_reduction')
   if out is None:
     raise UserError('--mode=calibrate needs --out: the new workdir to write (the source '
@@ -347,9 +332,9 @@ def run_calibrate(config, workdir, out, target_reduction, which='latest') -> dic
                      'calibration needs an FTWT model with mask heads (stage ftwt)')
   budget_cfg = restored.config.get('budget') or config_lib.base_config().budget
   accounting, n = budget_cfg.accounting, budget_cfg.examples
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   batches = calibration_sample(restored.config, mesh, n)
-  record = calibrate(restored.model, train.replicate(restored.variables, mesh),
+  record = calibrate(restored.model, parallel.replicate(restored.variables, mesh),
                      restored.profile, restored.config, batches, mesh,
                      float(target_reduction), accounting)  # raises before any write
   before = evaluate.evaluate_restored(restored)
@@ -372,7 +357,7 @@ def run_calibrate(config, workdir, out, target_reduction, which='latest') -> dic
   if jax.process_index() == 0:
     (out / 'config.json').write_text(cfg.to_json_best_effort(indent=2))
     (out / 'calibration.json').write_text(json.dumps(record, indent=2))
-    train.write_eval_json(out, restored.step, after)
+    evaluation.write_eval_json(out, restored.step, after)
     print(format_calibration(record))
     print(f'\nwritten: {out}')
   return record

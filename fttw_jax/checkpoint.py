@@ -52,8 +52,11 @@ def _handlers():
 
 
 def _reader(root) -> ocp.CheckpointManager:
+  """A manager that only reads: it is never asked to save or delete, and ``create=False``
+  makes no directory. Not ``read_only=True``: orbax logs a WARNING per manager in that
+  mode (up to three), and every load opens several."""
   return ocp.CheckpointManager(
-      root, options=ocp.CheckpointManagerOptions(read_only=True, best_fn=_top1,
+      root, options=ocp.CheckpointManagerOptions(create=False, best_fn=_top1,
                                                  best_mode='max'),
       item_handlers=_handlers())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fttw_jax import models
+from fttw_jax import choices
 from fttw_jax.errors import UserError
 
 STAGES = ('baseline', 'ftwt')
@@ -28,12 +28,12 @@ COOLDOWN_HEADS = ('freeze', 'momentum')
 
 # Each SPEC 9 departure: field -> (valid values, 'spec' profile value, 'reference' value).
 FIDELITY_FIELDS = {
-    'shortcut_pad': (models.gating.SHORTCUT_PADS, 'both', 'end'),                  # SPEC 9.1
-    'shortcut_grad': (models.gating.SHORTCUT_GRADS, 'flow', 'detached'),           # SPEC 9.1
-    'gate.depthwise_rule': (models.gating.DEPTHWISE_RULES, 'follow_input', 'head'),  # 9.2
+    'shortcut_pad': (choices.SHORTCUT_PADS, 'both', 'end'),                        # SPEC 9.1
+    'shortcut_grad': (choices.SHORTCUT_GRADS, 'flow', 'detached'),                 # SPEC 9.1
+    'gate.depthwise_rule': (choices.DEPTHWISE_RULES, 'follow_input', 'head'),      # SPEC 9.2
     'cooldown_heads': (COOLDOWN_HEADS, 'freeze', 'momentum'),                      # SPEC 9.3
-    'bn_running_var': (models.gating.BN_RUNNING_VARS, 'biased', 'unbiased'),       # SPEC 9.4
-    'gate.head_weight_init': (models.gating.HEAD_WEIGHT_INITS, 'lecun_normal',
+    'bn_running_var': (choices.BN_RUNNING_VARS, 'biased', 'unbiased'),             # SPEC 9.4
+    'gate.head_weight_init': (choices.HEAD_WEIGHT_INITS, 'lecun_normal',
                               'torch_uniform'),                                    # SPEC 9.5
     'head_init_pass': (HEAD_INIT_PASSES, 'eval_bn_one_epoch', 'train_bn_501_batches'),  # 9.5
 }
@@ -116,7 +116,8 @@ def _unset():
   return ml_collections.config_dict.placeholder(str)
 
 
-def _lookup(config, dotted: str):
+def lookup(config, dotted: str):
+  """config[a][b] for 'a.b'; None where a part is missing (configs saved before it)."""
   node = config
   for part in dotted.split('.'):
     node = node.get(part) if node is not None else None
@@ -129,7 +130,7 @@ def fidelity_option(config, name: str) -> str:
   A config stored before these fields existed (no ``fidelity``) is 'spec'.
   """
   valid, spec, reference = FIDELITY_FIELDS[name]
-  value = _lookup(config, name)
+  value = lookup(config, name)
   if value is None:
     fidelity = config.get('fidelity') or 'spec'
     _choice('fidelity', fidelity, FIDELITIES)
@@ -143,23 +144,30 @@ def fidelity_options(config) -> dict:
   return {name: fidelity_option(config, name) for name in FIDELITY_FIELDS}
 
 
-def backbone_options(config) -> models.BackboneOptions:
-  return models.BackboneOptions(**{
+def _models():
+  """``fttw_jax.models``, imported where a model is built or the registry is read: the
+  config files import this module and parse without JAX or Flax (tests/test_configs.py)."""
+  from fttw_jax import models  # pylint: disable=import-outside-toplevel
+  return models
+
+
+def backbone_options(config):
+  """The ``models.BackboneOptions`` of this config."""
+  return _models().BackboneOptions(**{
       k: fidelity_option(config, k) for k in ('shortcut_pad', 'shortcut_grad',
                                               'bn_running_var')})
 
 
 def _choice(name, value, valid):
-  if value not in valid:
-    raise UserError(f'config.{name}={value!r} is invalid; valid values: {list(valid)}')
+  choices.check_choice(f'config.{name}', value, valid)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Fail early, naming the bad value."""
-  _choice('model', config.model, sorted(models.MODELS))
+  """Fail early, naming the bad value: every field, once, before anything is built."""
+  _choice('model', config.model, sorted(_models().MODELS))
   _choice('stage', config.stage, STAGES)
-  _choice('dtype', config.dtype, sorted(models.DTYPES))
-  _choice('conv_impl', config.get('conv_impl', 'auto'), models.CONV_IMPLS)
+  _choice('dtype', config.dtype, choices.DTYPES)
+  _choice('conv_impl', config.get('conv_impl', 'auto'), choices.CONV_IMPLS)
   _choice('head_init', config.head_init, HEAD_INITS)
   _choice('flops_accounting', config.flops_accounting, ACCOUNTINGS)
   _choice('fidelity', config.fidelity, FIDELITIES)
@@ -180,7 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
               'max_checkpoints'):
     if not (isinstance(config[key], int) and config[key] >= 1):
       raise UserError(f'config.{key}={config[key]!r} must be an int >= 1')
-  gate_config(config, mask_source='predicted')  # validates mode, pool, criterion, r / q
+  choices.check_gate(gate_fields(config), prefix='config.gate.')
   validate_budget(config)
 
 
@@ -212,23 +220,26 @@ def validate_budget(config) -> None:
     raise UserError(f'config.budget.examples={b.examples!r} must be a positive int')
 
 
-def gate_config(config, **overrides) -> models.GateConfig | None:
-  """The model's GateConfig for this config (None for the dense baseline stage)."""
-  if config.stage == 'baseline' and not overrides:
-    return None
+def gate_fields(config, **overrides) -> dict:
+  """config.gate with its fidelity fields resolved, and ``overrides``."""
   fields = dict(config.gate.to_dict())
   fields.update({name.split('.')[1]: fidelity_option(config, name)
                  for name in FIDELITY_FIELDS if name.startswith('gate.')})
   fields.update(overrides)
-  try:
-    return models.GateConfig(**fields)
-  except ValueError as e:
-    raise UserError(f'invalid config.gate: {e}') from None
+  return fields
+
+
+def gate_config(config, **overrides):
+  """The model's ``models.GateConfig`` for this config (None for the baseline stage)."""
+  if config.stage == 'baseline' and not overrides:
+    return None
+  return _models().GateConfig(**gate_fields(config, **overrides))
 
 
 def model_from_config(config, num_classes: int, bn_axis_name: str | None = None,
                       **gate_overrides):
   """The Flax module a config describes (gated iff stage == 'ftwt' or overrides given)."""
+  models = _models()
   return models.create_model(
       config.model, num_classes=num_classes, gate=gate_config(config, **gate_overrides),
       width=config.width, dtype=config.dtype, bn_axis_name=bn_axis_name,

@@ -24,7 +24,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fttw_jax import checkpoint, data, evaluate, flops, train
+from fttw_jax import checkpoint, data, evaluate, flops, models, parallel
 from fttw_jax import config as config_lib
 
 MASS_SWEEP = (-1.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 1.0)
@@ -47,9 +47,9 @@ class Estimator:
     m = self.means(float(threshold))
     dense = flops.dense_macs(self.profile)
     return {'threshold': float(threshold),
-            'flops_reduction_exact': 1.0 - m['macs_exact'] / dense,
-            'flops_reduction_paper': 1.0 - m['macs_paper'] / dense,
-            'flops_reduction_exact_no_heads': 1.0 - m['macs_no_heads'] / dense,
+            'flops_reduction_exact': flops.reduction(m['macs_exact'], dense),
+            'flops_reduction_paper': flops.reduction(m['macs_paper'], dense),
+            'flops_reduction_exact_no_heads': flops.reduction(m['macs_no_heads'], dense),
             'macs_exact': m['macs_exact'], 'macs_paper': m['macs_paper'],
             'active_ratio': evaluate.ordered_ratios(m['active_ratio'], self.profile)}
 
@@ -63,14 +63,14 @@ def restore_for_targets(source: str, model, image_shape):
   """Variables for the gated ``model`` from ``source``; heads zero if it has none."""
   stored, _, _ = checkpoint.read_config(source, 'latest')
   shapes = evaluate.variable_shapes(model, image_shape)
-  backbone, heads = train.split_heads(shapes['params'])
+  backbone, heads = models.split_heads(shapes['params'])
   with_heads = stored.get('stage') == 'ftwt'
   target = {'params': shapes['params'] if with_heads else backbone,
             'batch_stats': shapes['batch_stats']}
   variables, _, _, step = checkpoint.restore_variables(source, 'latest', target=target)
   if not with_heads:
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), heads)
-    variables = {'params': train.merge_heads(variables['params'], zeros),
+    variables = {'params': models.merge_heads(variables['params'], zeros),
                  'batch_stats': variables['batch_stats']}
   return variables, stored, step
 
@@ -141,8 +141,8 @@ def build(config, workdir, num_examples: int = 512) -> Estimator:
   evaluate.check_same_experiment(stored, config, source, keys=SAME_NETWORK, forward_keys=())
   variables, _, step = restore_for_targets(source, model, image_shape)
   prof = flops.profile(model, (1, *image_shape))
-  mesh = train.make_mesh()
-  variables = train.replicate(variables, mesh)
+  mesh = parallel.make_mesh()
+  variables = parallel.replicate(variables, mesh)
   batches = [data.shard_batch(b, mesh) for b in training_sample(config, num_examples)]
   means, count = sample_means(make_cost_fn(model, prof, config.dataset), variables, batches,
                               mesh)

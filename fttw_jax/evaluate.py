@@ -2,8 +2,8 @@
 
 ``evaluate_checkpoint`` restores variables only (no optimizer state) onto the
 shapes of the model its config describes, so a checkpoint of another model is
-a clear error rather than a partial load, runs the training code's sharded
-eval step over the whole test split, writes ``W/eval/<step>.json`` and prints
+a clear error rather than a partial load, runs the sharded eval step
+(``fttw_jax.evaluation``) over the whole test split, writes ``W/eval/<step>.json`` and prints
 a table. ``restore`` is the shared loading step of evaluation, the research
 API (``fttw_jax.api``) and the report.
 """
@@ -19,14 +19,17 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from fttw_jax import budget, checkpoint, data, flops, train
+from fttw_jax import checkpoint, data, evaluation, flops, parallel
 from fttw_jax import config as config_lib
 from fttw_jax.errors import UserError
 
 EXPERIMENT_KEYS = config_lib.EXPERIMENT_KEYS
-# Fields that change the forward pass without changing any parameter shape.
+# Fields that change the forward pass without changing any parameter shape. The
+# fidelity fields among them compare resolved (``config.fidelity_option``); the others
+# (shortcut_grad, bn_running_var, ...) and conv_impl change training or rounding only.
 FORWARD_KEYS = ('dtype', 'gate.pool', 'gate.softmax', 'gate.mode', 'gate.criterion',
-                'gate.threshold', 'gate.gt_after_block', 'gate.head_norm')
+                'gate.threshold', 'gate.gt_after_block', 'gate.head_norm', 'shortcut_pad',
+                'gate.depthwise_rule')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +50,11 @@ class Restored:
     return self.config.stage == 'ftwt'
 
 
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split('.'):
-    node = node.get(part) if node is not None else None
-  return node
+def _forward_value(config, dotted: str):
+  """The value a forward key has in ``config`` (a fidelity field resolved by its profile)."""
+  if dotted in config_lib.FIDELITY_FIELDS:
+    return config_lib.fidelity_option(config, dotted)
+  return config_lib.lookup(config, dotted)
 
 
 def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
@@ -69,7 +72,7 @@ def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
         f'({details}). Pass the config the run was trained with (it is saved in '
         f'{where}/config.json).')
   for key in forward_keys:
-    a, b = _get(stored, key), _get(config, key)
+    a, b = _forward_value(stored, key), _forward_value(config, key)
     if a is not None and a != b:
       logging.warning('evaluating with --config %s=%r; the checkpoint was trained with %r',
                       key, b, a)
@@ -106,15 +109,15 @@ def restore(path, which: str | int = 'best', config=None) -> Restored:
 
 
 def evaluate_restored(r: Restored, max_examples: int | None = None) -> dict:
-  """The eval dict of ``train.summarize`` over the test split (or its prefix)."""
-  mesh = train.make_mesh()
+  """The eval dict of ``evaluation.summarize`` over the test split (or its prefix)."""
+  mesh = parallel.make_mesh()
   config = r.config
-  eval_fn = train.make_eval_step(mesh, model=r.model, config=config, prof=r.profile)
+  eval_fn = evaluation.make_eval_step(mesh, model=r.model, config=config, prof=r.profile)
   batches = data.create_eval_iterator(config.dataset, config.batch_size,
                                       data_dir=config.data_dir or None,
                                       max_examples=max_examples)
-  result = train.evaluate(eval_fn, train.replicate(r.variables, mesh), batches, mesh,
-                          r.profile, r.gated)
+  result = evaluation.eval_pass(eval_fn, parallel.replicate(r.variables, mesh), batches, mesh,
+                               r.profile, r.gated)
   # Epochs as training counted them (its batch size, not the eval one).
   steps_per_epoch = data.steps_per_epoch(config.dataset, r.stored_config.batch_size)
   result.update(step=r.step, epoch=r.step / max(steps_per_epoch, 1), checkpoint=str(r.path),
@@ -123,7 +126,7 @@ def evaluate_restored(r: Restored, max_examples: int | None = None) -> dict:
                 run_id=r.meta.get('run_id'))
   if r.gated:
     result['active_ratio'] = ordered_ratios(result['active_ratio'], r.profile)
-    result.update(budget.eval_fields(config, r.meta.get('budget')))
+    result.update(evaluation.budget_fields(config, r.meta.get('budget')))
   return result
 
 
@@ -146,7 +149,7 @@ def evaluate_checkpoint(config, workdir, which: str | int = 'best', *,
     if not quiet:
       print(format_table(result, r.profile))
     try:
-      path = train.write_eval_json(r.workdir, r.step, result)
+      path = evaluation.write_eval_json(r.workdir, r.step, result)
     except OSError as e:  # a read-only workdir: the table above is the result
       print(f'\nthe eval JSON could not be written ({e}); the table above is the result')
     else:

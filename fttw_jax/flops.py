@@ -190,13 +190,10 @@ def paper_macs(prof: Profile, gates: Mapping[str, Mapping[str, jax.Array]]) -> j
   return total
 
 
-def reduction(per_sample_macs: jax.Array, dense: int,
-              sample_weight: jax.Array | None = None) -> jax.Array:
-  """1 - mean_n(dynamic) / dense."""
-  if sample_weight is None:
-    mean = jnp.mean(per_sample_macs)
-  else:
-    mean = jnp.sum(per_sample_macs * sample_weight) / jnp.maximum(jnp.sum(sample_weight), 1)
+def reduction(macs, dense: int):
+  """The FLOPs reduction 1 - mean cost / dense cost, of ``macs``: MACs per sample, a
+  mean (a float, or a traced scalar) or per-sample values (their mean)."""
+  mean = macs if jnp.ndim(macs) == 0 else jnp.mean(macs)
   return 1.0 - mean / dense
 
 

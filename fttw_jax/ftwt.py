@@ -7,7 +7,6 @@ gated model's ``aux['gates']``.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import jax
@@ -15,33 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fttw_jax import choices
+
 EPS = 1e-5
-CRITERIA = ('mass', 'uniform')
-
-
-def _concrete_float(v):
-  """float(v), or None for a traced value (validated only when concrete)."""
-  try:
-    return float(v)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return None
-
-
-def check_mass_threshold(r) -> None:
-  """r < 0 keeps everything, 0 <= r <= 1 is a mass fraction; anything else is a bug."""
-  v = _concrete_float(r)
-  if v is not None and not (math.isfinite(v) and v <= 1.0):
-    raise ValueError(
-        f'mass threshold r={r!r} is invalid: valid values are r < 0 (keep all '
-        'channels) or 0 <= r <= 1 (fraction of activation mass to keep).')
-
-
-def check_prune_ratio(q) -> None:
-  v = _concrete_float(q)
-  if v is not None and not (math.isfinite(v) and 0.0 <= v <= 1.0):
-    raise ValueError(
-        f'uniform prune ratio q={q!r} is invalid: valid values are 0 <= q <= 1 '
-        '(fraction of channels to drop).')
 
 
 def _check_activation(y):
@@ -74,7 +49,7 @@ def mass_targets(y: jax.Array, r) -> jax.Array:
   r < 0 keeps all channels, r == 1 drops only dead channels (p <= 1e-5). A sample
   whose scores are all zero keeps every channel. Works with a traced ``r``.
   """
-  check_mass_threshold(r)
+  choices.check_mass_threshold(r)
   s = channel_scores(y)
   total = jnp.sum(s, axis=-1, keepdims=True)
   p = s / jnp.where(total > 0, total, 1.0)
@@ -89,7 +64,7 @@ def mass_targets(y: jax.Array, r) -> jax.Array:
 
 def uniform_targets(y: jax.Array, q) -> jax.Array:
   """Binary (N, C) target dropping the int(q*C) weakest channels and dead ones."""
-  check_prune_ratio(q)
+  choices.check_prune_ratio(q)
   s = channel_scores(y)
   num_channels = s.shape[-1]
   num_drop = jnp.floor(jnp.asarray(q, jnp.float32) * num_channels).astype(jnp.int32)
@@ -104,7 +79,7 @@ def targets(y: jax.Array, criterion: str, threshold) -> jax.Array:
     return mass_targets(y, threshold)
   if criterion == 'uniform':
     return uniform_targets(y, threshold)
-  raise ValueError(f'unknown target criterion {criterion!r}; valid: {CRITERIA}')
+  choices.check_choice('criterion', criterion, choices.CRITERIA)
 
 
 def per_sample_mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
@@ -116,21 +91,11 @@ def per_sample_mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Ar
   return sum(per_layer) / len(per_layer)
 
 
-def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]],
-              sample_weight: jax.Array | None = None) -> jax.Array:
-  """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4).
-
-  ``sample_weight`` (N,) lets padded evaluation examples count zero.
-  """
+def mask_loss(gates: Mapping[str, Mapping[str, jax.Array]]) -> jax.Array:
+  """(1/L) sum_l sum_c mean_n BCEwithlogits(logits, target) (SPEC 4)."""
   if not gates:
     return jnp.zeros((), jnp.float32)
-  return weighted_mean(per_sample_mask_loss(gates), sample_weight)
-
-
-def weighted_mean(x, w=None):
-  if w is None:
-    return jnp.mean(x)
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.mean(per_sample_mask_loss(gates))
 
 
 def per_sample_mask_stats(gates: Mapping[str, Mapping[str, jax.Array]]) -> dict:
@@ -141,14 +106,6 @@ def per_sample_mask_stats(gates: Mapping[str, Mapping[str, jax.Array]]) -> dict:
   active = {name: jnp.mean(g['mask'].astype(jnp.float32), axis=-1)
             for name, g in gates.items()}
   return {'mask_accuracy': sum(agree) / len(agree), 'active_ratio': active}
-
-
-def mask_metrics(gates: Mapping[str, Mapping[str, jax.Array]],
-                 sample_weight: jax.Array | None = None) -> dict:
-  """Batch mask accuracy and per-layer active ratio (SPEC 4 metrics)."""
-  if not gates:
-    return {'mask_accuracy': jnp.ones((), jnp.float32), 'active_ratio': {}}
-  return jax.tree.map(lambda v: weighted_mean(v, sample_weight), per_sample_mask_stats(gates))
 
 
 def mask_loss_weight(epoch, epochs: int, cooldown: float = 0.5):

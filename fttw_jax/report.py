@@ -19,7 +19,7 @@ from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fttw_jax import api, checkpoint, data, evaluate, paper_results, static, train
+from fttw_jax import api, checkpoint, data, evaluate, evaluation, paper_results, static
 
 DPI = 130
 COLORS = {'train': '#4C72B0', 'eval': '#DD8452', 'exact': '#C44E52', 'paper': '#8172B3',
@@ -416,7 +416,7 @@ def _run_eval(restored: evaluate.Restored, evals: dict, max_examples) -> dict:
       and ('dynamism' in stored or not restored.gated):
     return stored
   result = evaluate.evaluate_restored(restored, max_examples)
-  train.write_eval_json(restored.workdir, restored.step, result)
+  evaluation.write_eval_json(restored.workdir, restored.step, result)
   return result
 
 

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from fttw_jax import data, evaluate, flops, ftwt, train
+from fttw_jax import data, evaluate, evaluation, flops, ftwt, parallel
 from fttw_jax.errors import UserError
 from fttw_jax.models.gating import HEAD_NAME
 
@@ -159,8 +159,8 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
     raise UserError('the static control needs an FTWT (gated) checkpoint; '
                      f'{restored.workdir} holds a {restored.config.stage!r} run')
   cfg, prof = restored.config, restored.profile
-  mesh = train.make_mesh()
-  eval_fn = train.make_eval_step(mesh, model=restored.model, config=cfg, prof=prof)
+  mesh = parallel.make_mesh()
+  eval_fn = evaluation.make_eval_step(mesh, model=restored.model, config=cfg, prof=prof)
   dense = flops.dense_macs(prof)
 
   def batches(limit):
@@ -168,7 +168,7 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
                                      max_examples=limit)
 
   def measure(variables, limit):
-    return train.accumulate(eval_fn, train.replicate(variables, mesh), batches(limit), mesh)
+    return evaluation.accumulate(eval_fn, parallel.replicate(variables, mesh), batches(limit), mesh)
 
   dyn_means, dyn_sums, count = measure(restored.variables, max_examples)
   frequency = channel_frequency(dyn_sums['mask'])
@@ -185,12 +185,12 @@ def run(restored: evaluate.Restored, max_examples: int | None = None,
       'step': restored.step, 'checkpoint': str(restored.path), 'num_examples': count,
       'dense_macs': dense,
       'dynamic': {'top1': dyn_means['top1'], 'macs_exact': dyn_means['macs_exact'],
-                  'flops_reduction_exact': 1.0 - dyn_means['macs_exact'] / dense,
-                  'flops_reduction_paper': 1.0 - dyn_means['macs_paper'] / dense,
+                  'flops_reduction_exact': flops.reduction(dyn_means['macs_exact'], dense),
+                  'flops_reduction_paper': flops.reduction(dyn_means['macs_paper'], dense),
                   'dynamic_share': ftwt.dynamism(dyn_sums)['mask']['overall']['dynamic']},
       'static': {'top1': st_means['top1'], 'macs_exact': static_macs,
-                 'flops_reduction_exact': 1.0 - static_macs / dense,
-                 'flops_reduction_paper': 1.0 - st_means['macs_paper'] / dense,
+                 'flops_reduction_exact': flops.reduction(static_macs, dense),
+                 'flops_reduction_paper': flops.reduction(st_means['macs_paper'], dense),
                  'scale': selection.scale,
                  'widths': {k: selection.widths[k] for k in layers},
                  'channels': {k: int(frequency[k].size) for k in layers},

@@ -1,17 +1,16 @@
 """Training: dense baseline and FTWT dynamic training (SPEC 4, 6).
 
 Shaped after flax examples/imagenet: ``create_train_state``, ``train_step``,
-``eval_step``, ``train_and_evaluate``. The steps are jitted ``jax.shard_map``
-functions over a 1-D ``data`` mesh: every device runs the per-device step on its
-slice of the global batch; ``lax.pmean`` over ``data`` makes the loss (hence the
-gradients), BatchNorm statistics and metrics global means, so results do not
-depend on the device count.
+``train_and_evaluate``. The steps are jitted ``jax.shard_map`` functions over the
+1-D ``data`` mesh (``fttw_jax.parallel``): every device runs the per-device step on
+its slice of the global batch; ``lax.pmean`` over ``data`` makes the loss (hence
+the gradients), BatchNorm statistics and metrics global means, so results do not
+depend on the device count. Evaluation during training is ``fttw_jax.evaluation``'s.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import time
 from typing import Any
@@ -24,17 +23,14 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
-from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fttw_jax import budget, checkpoint, data, flops, ftwt, models
+from fttw_jax import budget, checkpoint, data, evaluation, flops, ftwt, models
 from fttw_jax import workdir as workdir_lib
 from fttw_jax import config as config_lib
 from fttw_jax.errors import CorruptCheckpointError, NonFiniteError, UserError
-
-AXIS = 'data'
+from fttw_jax.parallel import AXIS, make_mesh, replicate
 
 
 @flax.struct.dataclass
@@ -51,19 +47,6 @@ class TrainState:
 
 
 # ------------------------------------------------------------------ setup
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D mesh over ``devices`` (default: all). Auto axes: all computation happens
-  inside shard_map, which states its own in/out partitioning, so nothing relies
-  on sharding-in-types; arrays are still placed with explicit NamedShardings."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def replicate(tree, mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
 
 def param_labels(params):
   """'heads' for every mask predictor head parameter, 'backbone' for the rest."""
@@ -111,69 +94,27 @@ def create_train_state(rng, model, tx, image_shape, mesh) -> TrainState:
 
 # ------------------------------------------------------------------ steps
 
-def label_rank(logits, labels):
-  """Position of each label in a stable descending sort of its logits (0 = top-1),
-  by counting instead of sorting: larger logits, plus equal ones at lower indices."""
-  own = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  ahead = (logits > own) | ((logits == own) & (jnp.arange(logits.shape[-1]) < labels[:, None]))
-  return jnp.sum(ahead, axis=-1)
-
-
-def _per_example_stats(logits, labels, gates, prof):
-  """Per-example values every metric is a (weighted) mean of."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  rank = label_rank(logits, labels)
-  stats = {
-      'ce_loss': ce,
-      'top1': (rank == 0).astype(jnp.float32),
-      'top5': (rank < 5).astype(jnp.float32),
-  }
-  if gates:
-    stats['mask_loss'] = ftwt.per_sample_mask_loss(gates)
-    stats.update(ftwt.per_sample_mask_stats(gates))
-    stats['macs_exact'] = flops.exact_macs(prof, gates)
-    stats['macs_paper'] = flops.paper_macs(prof, gates)
-  return stats
-
-
-def _mean_over_devices(tree, weight=None):
-  return jax.lax.pmean(jax.tree.map(lambda v: ftwt.weighted_mean(v, weight), tree), AXIS)
-
-
-def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_epoch: int,
-               head_init: bool = False):
+def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_epoch: int):
   """One SGD step on one device's slice (wrapped in shard_map by ``make_train_step``).
 
   Loss = CE + w(epoch) * mask loss; after the cooldown w = 0 and the heads get a
   zero gradient: ``cooldown_heads='freeze'`` zeroes their updates,
   ``'momentum'`` lets their SGD keep stepping on it (momentum coasts, as in the
   reference, SPEC 9.3).
-  ``head_init``: fit only the heads to all-on targets (no CE); BN in eval mode,
-  or in train mode (batch statistics updated) for ``head_init_pass=
-  'train_bn_501_batches'`` (SPEC 9.5).
   """
   images = data.normalize(batch['image'], config.dataset)
   labels = batch['label']
-  if not head_init:
-    model = budget.with_threshold(model, state.budget)  # budget run: r from the state
+  model = budget.with_threshold(model, state.budget)  # budget run: r from the state
   epoch = state.step // steps_per_epoch
   w = ftwt.mask_loss_weight(epoch, config.num_epochs, config.cooldown)
-  if head_init:
-    w = jnp.ones(())
-  bn_frozen = head_init and (config_lib.fidelity_option(config, 'head_init_pass')
-                             == 'eval_bn_one_epoch')
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    if bn_frozen:
-      (logits, aux), new_model_state = model.apply(variables, images, train=False), {}
-    else:
-      (logits, aux), new_model_state = model.apply(variables, images, train=True,
-                                                   mutable=['batch_stats'])
+    (logits, aux), new_model_state = model.apply(variables, images, train=True,
+                                                 mutable=['batch_stats'])
     gates = aux['gates']
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    mask_loss = ftwt.mask_loss(gates)
-    loss = w * mask_loss if head_init else ce + w * mask_loss
+    loss = ce + w * ftwt.mask_loss(gates)
     # Mean over the global batch. Params enter shard_map replicated, so their
     # gradient is the (device-invariant) gradient of this global mean.
     return jax.lax.pmean(loss, AXIS), (logits, gates, new_model_state)
@@ -185,28 +126,43 @@ def train_step(state: TrainState, batch, *, model, tx, config, prof, steps_per_e
     head_scale = jnp.where(w > 0, 1.0, 0.0)
     updates = jax.tree.map_with_path(
         lambda p, u: u * head_scale if models.is_head_path(p) else u, updates)
-  params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-      step=state.step + (0 if head_init else 1), params=params, opt_state=opt_state,
-      batch_stats=new_model_state.get('batch_stats', state.batch_stats))
-  metrics = _mean_over_devices(_per_example_stats(logits, labels, gates, prof))
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state, batch_stats=new_model_state['batch_stats'])
+  stats = evaluation.per_example_stats(logits, labels, gates, prof)
+  metrics = jax.lax.pmean(jax.tree.map(jnp.mean, stats), AXIS)
   metrics['loss'] = loss
   metrics['mask_loss_weight'] = w
-  if state.budget is not None and not head_init:  # issue 15: the controller's step
+  if state.budget is not None:  # issue 15: the controller's step
     bs, metrics['budget'] = budget.train_step_update(
         state.budget, state.step, metrics, config, steps_per_epoch, flops.dense_macs(prof))
     new_state = new_state.replace(budget=bs)
   return new_state, metrics
 
 
-def eval_step(variables, batch, *, model, config, prof):
-  """Per-example eval statistics of one device's slice, with the padding weight, and
-  the mask dynamism sums of the global batch (``ftwt.dynamism_sums``, psum over the mesh)."""
+def head_fit_step(state: TrainState, batch, *, model, tx, config):
+  """One step of the head_init='ones' pass (SPEC 4) on one device's slice: the mask
+  loss alone (no CE, weight 1; ``tx`` trains only the heads), the step counter kept.
+  BN in eval mode, or in train mode (batch statistics updated) for
+  ``head_init_pass='train_bn_501_batches'`` (SPEC 9.5)."""
   images = data.normalize(batch['image'], config.dataset)
-  logits, aux = model.apply(variables, images, train=False)
-  gates = aux['gates']
-  sums = jax.lax.psum(ftwt.dynamism_sums(gates, batch['mask']), AXIS)
-  return _per_example_stats(logits, batch['label'], gates, prof), batch['mask'], sums
+  bn_train = config_lib.fidelity_option(config, 'head_init_pass') == 'train_bn_501_batches'
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    if bn_train:
+      (_, aux), new_model_state = model.apply(variables, images, train=True,
+                                              mutable=['batch_stats'])
+    else:
+      (_, aux), new_model_state = model.apply(variables, images, train=False), {}
+    return jax.lax.pmean(ftwt.mask_loss(aux['gates']), AXIS), new_model_state
+
+  (loss, new_model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+      batch_stats=new_model_state.get('batch_stats', state.batch_stats))
+  return new_state, {'mask_loss': loss}
 
 
 def all_finite(tree) -> jax.Array:
@@ -224,68 +180,21 @@ def _checked_step(state, batch, **kwargs):
   return new_state, metrics
 
 
-def make_train_step(mesh, **kwargs):
-  step = functools.partial(_checked_step, **kwargs)
+def _sharded(step, mesh, model):
+  """jit(shard_map(step)): the state replicated, the batch split over the mesh."""
   donate = (0,) if jax.default_backend() != 'cpu' else ()  # CPU cannot donate: no warning
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
                                out_specs=(P(), P())), donate_argnums=donate,
-                 compiler_options=models.compiler_options(kwargs['model'].conv_impl))
+                 compiler_options=models.compiler_options(model.conv_impl))
 
 
-def make_eval_step(mesh, **kwargs):
-  step = functools.partial(eval_step, **kwargs)
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                               out_specs=(P(AXIS), P(AXIS), P())),
-                 compiler_options=models.compiler_options(kwargs['model'].conv_impl))
+def make_train_step(mesh, **kwargs):
+  return _sharded(functools.partial(_checked_step, **kwargs), mesh, kwargs['model'])
 
 
-def evaluate(eval_fn, variables, batches, mesh, prof, gated: bool) -> dict:
-  """One pass over ``batches``: weighted means of every per-example statistic."""
-  means, dyn_sums, count = accumulate(eval_fn, variables, batches, mesh)
-  return summarize(means, prof, gated, count, ftwt.dynamism(dyn_sums) if gated else None)
+def make_head_fit_step(mesh, **kwargs):
+  return _sharded(functools.partial(head_fit_step, **kwargs), mesh, kwargs['model'])
 
-
-def accumulate(eval_fn, variables, batches, mesh) -> tuple[dict, dict, int]:
-  """(weighted means of the per-example statistics, dynamism sums, example count)."""
-  sums, dyn_sums, count = None, None, 0.0
-  for batch in batches:
-    stats, weight, batch_dyn = multihost_utils.process_allgather(
-        eval_fn(variables, data.shard_batch(batch, mesh)), tiled=True)
-    weight = np.asarray(weight, np.float64)
-    batch_sums = jax.tree.map(lambda v: np.sum(np.asarray(v, np.float64) * weight), stats)
-    batch_dyn = jax.tree.map(lambda v: np.asarray(v, np.float64), batch_dyn)
-    sums = batch_sums if sums is None else jax.tree.map(np.add, sums, batch_sums)
-    dyn_sums = batch_dyn if dyn_sums is None else jax.tree.map(np.add, dyn_sums, batch_dyn)
-    count += float(weight.sum())
-  if sums is None:
-    raise ValueError('the evaluation split yielded no batch')
-  means = jax.tree.map(lambda v: float(v / max(count, 1.0)), sums)
-  return means, dyn_sums, int(count)
-
-
-def summarize(means: dict, prof: flops.Profile, gated: bool, num_examples: int,
-              dynamism: dict | None = None) -> dict:
-  """The eval JSON: accuracy, losses, FLOPs (exact and paper), per-layer stats, and
-  (``ftwt.dynamism``) how input-dependent the masks and targets are."""
-  dense = flops.dense_macs(prof)
-  out = {'num_examples': num_examples, 'top1': means['top1'], 'top5': means['top5'],
-         'ce_loss': means['ce_loss'], 'dense_macs': dense, 'params': prof.params,
-         'head_macs': prof.head_macs if gated else 0,
-         'head_params': prof.head_params if gated else 0}
-  if gated:
-    out.update(
-        loss=means['ce_loss'] + means['mask_loss'], mask_loss=means['mask_loss'],
-        mask_accuracy=means['mask_accuracy'], active_ratio=means['active_ratio'],
-        macs_exact=means['macs_exact'], macs_paper=means['macs_paper'],
-        flops_reduction_exact=1.0 - means['macs_exact'] / dense,
-        flops_reduction_paper=1.0 - means['macs_paper'] / dense)
-    if dynamism is not None:
-      out.update(dynamism=dynamism, dynamic_share=dynamism['mask']['overall']['dynamic'],
-                 target_dynamic_share=dynamism['target']['overall']['dynamic'])
-  else:
-    out.update(loss=means['ce_loss'], macs_exact=float(dense), macs_paper=float(dense),
-               flops_reduction_exact=0.0, flops_reduction_paper=0.0)
-  return out
 
 
 # ------------------------------------------------------------------ loop helpers
@@ -342,31 +251,16 @@ def check_resumable(stored: ml_collections.ConfigDict, config: ml_collections.Co
         '--workdir; the existing checkpoint was left untouched.')
 
 
-def split_heads(params) -> tuple[dict, dict]:
-  """(backbone params, head params) as two nested dicts of the same layout."""
-  flat = flax.traverse_util.flatten_dict(params)
-  is_head = lambda k: models.gating.HEAD_NAME in k
-  unflat = flax.traverse_util.unflatten_dict
-  return (unflat({k: v for k, v in flat.items() if not is_head(k)}),
-          unflat({k: v for k, v in flat.items() if is_head(k)}))
-
-
-def merge_heads(backbone, heads) -> dict:
-  flat = flax.traverse_util.flatten_dict(backbone)
-  flat.update(flax.traverse_util.flatten_dict(heads))
-  return flax.traverse_util.unflatten_dict(flat)
-
-
 def load_backbone(init_from: str, state: TrainState, mesh) -> TrainState:
   """Backbone params and BN stats from a baseline checkpoint; heads stay fresh."""
-  backbone, heads = split_heads(jax.device_get(state.params))
+  backbone, heads = models.split_heads(jax.device_get(state.params))
   target = {'params': backbone, 'batch_stats': jax.device_get(state.batch_stats)}
   try:
     variables, _, meta, step = checkpoint.restore_variables(init_from, 'latest', target=target)
   except UserError as e:
     raise type(e)(f'config.init_from={init_from!r}: {e}') from None
   logging.info('init_from %s: backbone of step %d (%s)', init_from, step, meta.get('stage'))
-  return replicate(state.replace(params=merge_heads(variables['params'], heads),
+  return replicate(state.replace(params=models.merge_heads(variables['params'], heads),
                                  batch_stats=variables['batch_stats']), mesh)
 
 
@@ -408,30 +302,9 @@ class MetricsWriter:
       self.tensorboard.flush()
 
 
-def strict_json(result: dict) -> dict:
-  """``result`` with every non-finite number replaced by None (strict JSON has no
-  NaN/Infinity) and, if any was, 'non_finite': the dotted keys that were."""
-  bad = []
-
-  def clean(value, key):
-    if isinstance(value, dict):
-      return {k: clean(v, f'{key}.{k}' if key else k) for k, v in value.items()}
-    if isinstance(value, float) and not np.isfinite(value):
-      bad.append(key)
-      return None
-    return value
-
-  out = clean(result, '')
-  if bad:
-    out['non_finite'] = bad
-  return out
-
-
-def write_eval_json(workdir, step: int, result: dict) -> epath.Path:
-  path = epath.Path(workdir) / 'eval' / f'{step}.json'
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True, allow_nan=False))
-  return path
+def every_or_last(step: int, every: int, total: int) -> bool:
+  """True at every ``every``-th step and at the last one, ``total``."""
+  return step == total or step % every == 0
 
 
 # ------------------------------------------------------------------ main loop
@@ -458,6 +331,32 @@ def restore_newest_intact(workdir, steps, state: TrainState, config, mesh):
         f'no checkpoint in {workdir / checkpoint.CHECKPOINTS} can be read (steps {corrupt}, '
         'see above); fix or move them, or pass --overwrite to start over')
   return state, None, corrupt, {}
+
+
+def resume_or_init(workdir, plan, state: TrainState, config, model, mesh,
+                   steps_per_epoch: int, should_stop):
+  """(state, start step or None, corrupt steps, budget plan) that training starts from.
+
+  The newest intact checkpoint of ``plan``; else a fresh start from ``state``: a
+  budget run's planned controller state (its target checked reachable), the
+  ``init_from`` backbone, the head_init='ones' pass. Reads only. The state is None
+  when ``should_stop`` (SIGTERM) ends that pass early.
+  """
+  state, start_step, corrupt, stored_meta = restore_newest_intact(workdir, plan.steps, state,
+                                                                  config, mesh)
+  if start_step is not None:
+    return state, start_step, corrupt, stored_meta.get('budget_plan')
+  budget_plan = None
+  if config_lib.budget_target(config) is not None:
+    budget_plan = budget.plan(config, steps_per_epoch)
+    state = replicate(state.replace(budget=budget.new_state(
+        budget_plan['initial_threshold'], budget_plan['gain'])), mesh)
+  if config.init_from:
+    state = load_backbone(config.init_from, state, mesh)
+  if config.stage == 'ftwt' and config.head_init == 'ones':
+    state = fit_heads_to_ones(state, config, model, mesh, config.data_dir or None,
+                              steps_per_epoch, should_stop)
+  return state, None, corrupt, budget_plan
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -493,40 +392,26 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   plan = workdir_lib.inspect(workdir, config, overwrite)
-  # Issue 15: a fresh budget run plans its starting r and checks that the target is
-  # reachable before anything is written; a resumed one reads its state from the checkpoint.
-  fresh_budget = config_lib.budget_target(config) is not None and not plan.steps
-  budget_plan = budget.plan(config, steps_per_epoch) if fresh_budget else None
 
+  # One model for training and evaluation: BatchNorm uses its axis only in train mode.
   model = config_lib.model_from_config(config, info.num_classes, bn_axis_name=AXIS)
-  eval_model = config_lib.model_from_config(config, info.num_classes)
   image_shape = (info.image_size, info.image_size, 3)
-  prof = flops.profile(eval_model, (1, *image_shape))
+  prof = flops.profile(model, (1, *image_shape))
   tx = create_optimizer(config, steps_per_epoch, config.num_epochs * steps_per_epoch)
   # An 'rbg' key: threefry-based init takes ~10x longer to compile on CPU.
   state = create_train_state(jax.random.key(config.seed, impl='rbg'), model, tx, image_shape,
                              mesh)
-  state, start_step, corrupt, stored_meta = restore_newest_intact(workdir, plan.steps, state,
-                                                                  config, mesh)
-  if start_step is not None:
-    budget_plan = stored_meta.get('budget_plan')
-  elif budget_plan is not None:
-    state = replicate(state.replace(budget=budget.new_state(
-        budget_plan['initial_threshold'], budget_plan['gain'])), mesh)
+  every = config.log_every_steps
+  state, start_step, corrupt, budget_plan = resume_or_init(
+      workdir, plan, state, config, model, mesh, steps_per_epoch,
+      should_stop=lambda i: preemption.should_stop(i, every))
+  if state is None:
+    return preempted(None, 'during the head_init pass, before anything was written',
+                     preemption)
   # A missing dataset fails here, before any write.
   train_iter = data.create_train_iterator(
       config.dataset, config.batch_size, seed=config.seed,
       start_step=start_step or 0, data_dir=data_dir)
-  every = config.log_every_steps
-  if start_step is None:
-    if config.init_from:
-      state = load_backbone(config.init_from, state, mesh)
-    if gated and config.head_init == 'ones':
-      state = _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch,
-                                 should_stop=lambda i: preemption.should_stop(i, every))
-      if state is None:
-        return preempted(None, 'during the head_init pass, before anything was written',
-                         preemption)
   if preemption.should_stop(0, 1):
     return preempted(start_step, 'during start-up, before anything was written', preemption)
 
@@ -544,8 +429,8 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
 
   step_fn = make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
                             steps_per_epoch=steps_per_epoch)
-  eval_fn = make_eval_step(mesh, model=eval_model, config=config, prof=prof)
-  calibrator = (budget.Calibrator(config, eval_model, prof, mesh, state, total_steps,
+  eval_fn = evaluation.make_eval_step(mesh, model=model, config=config, prof=prof)
+  calibrator = (budget.Calibrator(config, model, prof, mesh, state, total_steps,
                                   steps_per_epoch) if state.budget is not None else None)
   meta = {'model': config.model, 'dataset': config.dataset, 'num_classes': info.num_classes,
           'stage': config.stage, 'run_id': plan.run['run_id']}
@@ -554,12 +439,12 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
     batches = data.create_eval_iterator(
         config.dataset, config.batch_size, data_dir=data_dir,
         max_examples=config.eval_max_examples if config.eval_max_examples > 0 else None)
-    result = evaluate(eval_fn, state.variables, batches, mesh, prof, gated)
+    result = evaluation.eval_pass(eval_fn, state.variables, batches, mesh, prof, gated)
     result.update(step=step, epoch=step / steps_per_epoch, width=config.width, **meta)
     if gated:
-      result.update(budget.eval_fields(config, budget.to_meta(state.budget, config)))
+      result.update(evaluation.budget_fields(config, budget.to_meta(state.budget, config)))
     if is_main:
-      write_eval_json(workdir, step, result)
+      evaluation.write_eval_json(workdir, step, result)
     writer.write(step, {k: v for k, v in result.items() if not isinstance(v, str)}, 'eval/')
     logging.info('step %d epoch %d: top1 %.4f loss %.4f exact FLOPs reduction %.4f', step,
                  step // steps_per_epoch, result['top1'], result['loss'],
@@ -577,14 +462,10 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
     checkpoint.save(manager, step, host_vars, host_opt, config, m,
                     metrics={'top1': result['top1']} if best else None)
 
-  def is_eval_step(step):
-    return step == total_steps or (step % steps_per_epoch == 0 and
-                                   (step // steps_per_epoch) % config.eval_every_epochs == 0)
-
-  def is_checkpoint_step(step):
-    return step == total_steps or (step % steps_per_epoch == 0 and
-                                   (step // steps_per_epoch) % config.checkpoint_every_epochs == 0)
-
+  is_eval_step = functools.partial(
+      every_or_last, every=steps_per_epoch * config.eval_every_epochs, total=total_steps)
+  is_checkpoint_step = functools.partial(
+      every_or_last, every=steps_per_epoch * config.checkpoint_every_epochs, total=total_steps)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.console)
   step = start_step or 0
   pending, result = [], None
@@ -603,8 +484,8 @@ def _train(config, workdir, overwrite: bool, preemption: _Preemption) -> dict:
         raise NonFiniteError(non_finite_message(step, float(metrics['loss']), manager))
       report(step)
       stop = preemption.should_stop(step, every)
-      boundary = is_eval_step(step) or is_checkpoint_step(step)
-      if step % every == 0 or boundary or stop:
+      if (every_or_last(step, every, total_steps) or is_eval_step(step)
+          or is_checkpoint_step(step) or stop):
         _flush(writer, pending)
         pending = []
       if calibrator is not None and step == total_steps and calibrator.due(step):
@@ -643,8 +524,8 @@ def _flush(writer, pending):
 HEAD_INIT_MAX_BATCHES = 501  # the reference stops its pass after batch index 500
 
 
-def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epoch,
-                       should_stop=lambda step: False):
+def fit_heads_to_ones(state, config, model, mesh, data_dir, steps_per_epoch,
+                      should_stop=lambda step: False):
   """SPEC 4 head_init='ones': one pass fitting only the heads to all-on masks.
 
   ``head_init_pass='eval_bn_one_epoch'``: one epoch, BN in eval mode, the pass's
@@ -663,8 +544,7 @@ def _fit_heads_to_ones(state, config, model, prof, mesh, data_dir, steps_per_epo
       {'backbone': optax.set_to_zero(),
        'heads': sgd(config.head_optimizer, steps_per_epoch, steps_per_epoch)}, param_labels)
   init_state = replicate(state.replace(opt_state=heads_only.init(state.params)), mesh)
-  step_fn = make_train_step(mesh, model=ones_model, tx=heads_only, config=config, prof=prof,
-                            steps_per_epoch=steps_per_epoch, head_init=True)
+  step_fn = make_head_fit_step(mesh, model=ones_model, tx=heads_only, config=config)
   it = data.create_train_iterator(config.dataset, config.batch_size, seed=config.seed + 1,
                                   data_dir=data_dir)
   start = time.time()

@@ -47,10 +47,10 @@ def run_steps(out_dir: str) -> None:
   from test_train import synthetic_batches, tiny_config
 
   from fttw_jax import config as config_lib
-  from fttw_jax import data, flops, train
+  from fttw_jax import data, flops, parallel, train
   config = tiny_config(STAGE)
-  mesh = train.make_mesh()
-  model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+  mesh = parallel.make_mesh()
+  model = config_lib.model_from_config(config, 10, bn_axis_name=parallel.AXIS)
   prof = flops.profile(config_lib.model_from_config(config, 10), (1, 32, 32, 3))
   tx = train.create_optimizer(config, 100, 1000)
   state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (32, 32, 3), mesh)

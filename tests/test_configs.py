@@ -1,7 +1,10 @@
 """Every experiment config loads, validates, and matches its SPEC 7 row."""
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from etils import epath
@@ -95,3 +98,39 @@ def test_paper_rows_use_the_reference_profile():
     assert load(path).fidelity == want, path.name
     assert config_lib.fidelity_option(load(path), 'shortcut_pad') == (
         'both' if want == 'spec' else 'end')
+
+
+def test_a_config_parses_without_jax_or_flax():
+  """configs/*.py -> recipes -> config import ml_collections only: parsing a config on a
+  login node or in a launcher costs no JAX/Flax/TF import."""
+  repo = epath.Path(__file__).parent.parent
+  code = '\n'.join([
+      'import importlib.util, sys',
+      'names = ("default.py", "cifar10_resnet56_r0.80_decoupled.py", "imagenet_resnet18_dense.py")',
+      'for name in names:',
+      '  spec = importlib.util.spec_from_file_location("c", f"configs/{name}")',
+      '  module = importlib.util.module_from_spec(spec)',
+      '  spec.loader.exec_module(module)',
+      '  module.get_config()',
+      'heavy = sorted(m for m in ("flax", "jax", "tensorflow", "optax") if m in sys.modules)',
+      'assert not heavy, heavy',
+  ])
+  subprocess.run([sys.executable, '-c', code], cwd=str(repo), check=True,
+                 env=dict(os.environ, PYTHONPATH=str(repo)))
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('gate.pool', 'mx', r"config\.gate\.pool='mx' is invalid; valid values: \['avg', 'max'\]"),
+    ('gate.threshold', 1.5, r'config\.gate\.threshold: mass threshold r=1\.5 is invalid'),
+    ('dtype', 'float16', r"config\.dtype='float16' is invalid; valid values: \['float32'"),
+])
+def test_validate_names_the_bad_field(field, value, match):
+  c = config_lib.base_config()
+  c.stage = 'ftwt'
+  *parents, leaf = field.split('.')
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(UserError, match=match):
+    config_lib.validate(c)

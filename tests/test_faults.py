@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from fttw_jax import checkpoint, convert, errors, evaluate, train
+from fttw_jax import checkpoint, convert, errors, evaluate, evaluation, train
 from test_train import REPO, loop_config, tree_snapshot
 
 EPOCH = 11   # steps per epoch of digits at batch 128
@@ -77,7 +77,7 @@ def test_nan_step_saves_nothing_and_a_fixed_rerun_resumes(tmp_path, data_dir):
 
 
 def test_eval_json_is_strict_and_names_non_finite_values(tmp_path):
-  path = train.write_eval_json(tmp_path, 3, {'top1': 0.5, 'loss': float('nan'),
+  path = evaluation.write_eval_json(tmp_path, 3, {'top1': 0.5, 'loss': float('nan'),
                                              'active_ratio': {'a': float('inf'), 'b': 1.0}})
   stored = strict_load(path)
   assert stored['loss'] is None and stored['active_ratio'] == {'a': None, 'b': 1.0}
@@ -287,3 +287,14 @@ def test_user_errors_are_one_line_and_exit_2(run, tmp_path):
     lines = [l for l in err.splitlines() if l.startswith('error: ')]
     assert len(lines) == 1 and re.search(cases[name][1], lines[0]), (name, err[-2000:])
   assert (tree_snapshot(run), tree_snapshot(corrupt)) == before
+
+
+@pytest.mark.parametrize('bad', ['2.5', '0'])
+def test_estimate_examples_must_be_a_positive_int(bad, capsys):
+  import main
+  with pytest.raises(SystemExit) as e:
+    main.parse_flags(['main.py', f'--config={REPO}/configs/default.py', '--workdir=/nowhere',
+                      f'--estimate_examples={bad}'])
+  assert e.value.code == errors.EXIT_USER_ERROR
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and len(err.splitlines()) == 1 and bad in err, err

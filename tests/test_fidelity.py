@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fttw_jax import config as config_lib
-from fttw_jax import convert, data, flops, models, recipes, train
+from fttw_jax import choices, convert, data, flops, models, parallel, recipes, train
 from fttw_jax.models.gating import BatchNorm, GateConfig
 
 R = 0.8
@@ -321,12 +321,12 @@ def torch_steps(name, x, labels, steps=2, cooldown_epoch=1):
 
 def ours_steps(config, name, x, labels, steps=2):
   _, variables = converted(name)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = config_lib.model_from_config(config, 10, bn_axis_name=parallel.AXIS)
   prof = flops.profile(config_lib.model_from_config(config, 10), (1, 32, 32, 3))
   tx = train.create_optimizer(config, 1, steps)
   params = variables['params']
-  state = train.replicate(train.TrainState(
+  state = parallel.replicate(train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
       opt_state=tx.init(params)), mesh)
   step = train.make_train_step(mesh, model=model, tx=tx, config=config, prof=prof,
@@ -408,15 +408,15 @@ def test_batch_norm_running_variance_over_devices(running_var):
   """n/(n-1) uses the global batch: 4 devices give what 1 device and torch give."""
   t = torch()
   x = np.random.default_rng(0).standard_normal((8, 3, 3, 5)).astype(np.float32) * 2 + 1
-  bn = BatchNorm(use_running_average=False, axis_name=train.AXIS, running_var=running_var)
+  bn = BatchNorm(use_running_average=False, axis_name=parallel.AXIS, running_var=running_var)
   variables = bn.init(jax.random.key(0), x[:1])
 
   def run(devices):
-    mesh = train.make_mesh(devices)
+    mesh = parallel.make_mesh(devices)
     f = jax.jit(jax.shard_map(lambda v, x: bn.apply(v, x, mutable=['batch_stats']),
                               mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),
-                                                   jax.sharding.PartitionSpec(train.AXIS)),
-                              out_specs=(jax.sharding.PartitionSpec(train.AXIS),
+                                                   jax.sharding.PartitionSpec(parallel.AXIS)),
+                              out_specs=(jax.sharding.PartitionSpec(parallel.AXIS),
                                          jax.sharding.PartitionSpec())))
     y, state = f(variables, x)
     return np.asarray(y), np.asarray(state['batch_stats']['var'])
@@ -449,7 +449,7 @@ def test_head_weight_init_ranges():
   cin, cout = 64, 256
   bound = 1 / np.sqrt(cin)
   heads = {}
-  for init in models.gating.HEAD_WEIGHT_INITS:
+  for init in choices.HEAD_WEIGHT_INITS:
     model = models.create_model('resnet8', num_classes=10, gate=GateConfig(
         head_weight_init=init))
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
@@ -484,15 +484,14 @@ def test_head_init_pass_modes(mode, monkeypatch):
       calls.append(1)
       yield batch
   monkeypatch.setattr(data, 'create_train_iterator', counting)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = config_lib.model_from_config(c, 10, bn_axis_name=train.AXIS)
-  prof = flops.profile(config_lib.model_from_config(c, 10), (1, 8, 8, 3))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = config_lib.model_from_config(c, 10, bn_axis_name=parallel.AXIS)
   steps_per_epoch = data.steps_per_epoch('digits', 128)
   tx = train.create_optimizer(c, steps_per_epoch, steps_per_epoch)
   state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (8, 8, 3), mesh)
   before = jax.device_get(state)
-  after = jax.device_get(train._fit_heads_to_ones(state, c, model, prof, mesh, None,
-                                                  steps_per_epoch))
+  after = jax.device_get(train.fit_heads_to_ones(state, c, model, mesh, None,
+                                                 steps_per_epoch))
   assert len(calls) == (3 if mode == 'train_bn_501_batches' else steps_per_epoch)
   assert max_diff(before.params, after.params, only="'head'") > 0
   backbone = jax.tree.map_with_path(

@@ -127,24 +127,25 @@ def test_mask_loss_sums_channels_means_samples_averages_layers():
     bce = np.maximum(x, 0) - x * z + np.log1p(np.exp(-np.abs(x)))
     per_layer.append(bce.sum(-1).mean())
   np.testing.assert_allclose(ftwt.mask_loss(gates), np.mean(per_layer), rtol=1e-5)
-  # sample weights: zero-weight samples do not count
-  w = np.array([1, 1, 0, 0], np.float32)
-  half = {k: {kk: vv[:2] for kk, vv in g.items()} for k, g in gates.items()}
-  np.testing.assert_allclose(ftwt.mask_loss(gates, w), ftwt.mask_loss(half), rtol=1e-5)
+  # per sample (what evaluation weights by the padding mask): sample i alone gives its value
+  per_sample = ftwt.per_sample_mask_loss(gates)
+  for i in range(4):
+    alone = {k: {kk: vv[i:i + 1] for kk, vv in g.items()} for k, g in gates.items()}
+    np.testing.assert_allclose(per_sample[i], ftwt.mask_loss(alone), rtol=1e-5)
   assert float(ftwt.mask_loss({})) == 0.0
 
 
-def test_mask_metrics():
+def test_per_sample_mask_stats():
   gates = {
       'a': {'target': np.array([[1, 0], [1, 1]], np.float32),
             'mask': np.array([[1, 1], [1, 1]], np.float32)},
       'b': {'target': np.array([[0, 0, 0, 0]] * 2, np.float32),
             'mask': np.array([[0, 0, 0, 0]] * 2, np.float32)},
   }
-  m = ftwt.mask_metrics(gates)
-  np.testing.assert_allclose(m['mask_accuracy'], (0.75 + 1.0) / 2)
-  np.testing.assert_allclose(m['active_ratio']['a'], 1.0)
-  np.testing.assert_allclose(m['active_ratio']['b'], 0.0)
+  m = ftwt.per_sample_mask_stats(gates)
+  np.testing.assert_allclose(m['mask_accuracy'], [(0.5 + 1.0) / 2, 1.0])
+  np.testing.assert_allclose(m['active_ratio']['a'], [1.0, 1.0])
+  np.testing.assert_allclose(m['active_ratio']['b'], [0.0, 0.0])
 
 
 def test_mask_loss_weight_cooldown():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from fttw_jax import checkpoint, data, flops, models, train
+from fttw_jax import checkpoint, data, evaluation, flops, models, parallel, train
 from fttw_jax import config as config_lib
 
 REPO = epath.Path(__file__).parent.parent
@@ -41,8 +41,8 @@ def synthetic_batches(n, batch=8, seed=0):
 
 
 def run_steps(config, devices, batches, steps_per_epoch=100, tx=None):
-  mesh = train.make_mesh(devices)
-  model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+  mesh = parallel.make_mesh(devices)
+  model = config_lib.model_from_config(config, 10, bn_axis_name=parallel.AXIS)
   prof = flops.profile(config_lib.model_from_config(config, 10), (1, 32, 32, 3))
   tx = tx or train.create_optimizer(config, steps_per_epoch, 1000)
   state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (32, 32, 3), mesh)
@@ -88,11 +88,11 @@ def test_cpu_conv_impl_trains_like_xla(stage):
 
 def test_cpu_conv_impl_keeps_layer_barriers_through_compilation():
   config = tiny_config('baseline', conv_impl='cpu')
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   texts = {}
   for impl in ('xla', 'cpu'):
     config.conv_impl = impl
-    model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+    model = config_lib.model_from_config(config, 10, bn_axis_name=parallel.AXIS)
     tx = train.create_optimizer(config, 100, 1000)
     state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (32, 32, 3),
                                      mesh)
@@ -111,7 +111,7 @@ def test_label_rank_equals_stable_argsort_with_ties():
   labels = rng.integers(0, 10, (200,)).astype(np.int32)
   order = np.argsort(-logits, axis=-1, kind='stable')
   expected = np.argmax(order == labels[:, None], axis=-1)
-  np.testing.assert_array_equal(train.label_rank(jnp.asarray(logits), jnp.asarray(labels)),
+  np.testing.assert_array_equal(evaluation.label_rank(jnp.asarray(logits), jnp.asarray(labels)),
                                 expected)
 
 
@@ -263,13 +263,13 @@ def test_init_from_loads_backbone_and_keeps_fresh_heads(tmp_path, data_dir):
   train.train_and_evaluate(loop_config(data_dir, max_steps=2, stage='baseline'), base_dir)
   base_vars, _ = final_params(base_dir)
   config = loop_config(data_dir)
-  mesh = train.make_mesh()
-  model = config_lib.model_from_config(config, 10, bn_axis_name=train.AXIS)
+  mesh = parallel.make_mesh()
+  model = config_lib.model_from_config(config, 10, bn_axis_name=parallel.AXIS)
   tx = train.create_optimizer(config, 10, 100)
   state = train.create_train_state(jax.random.key(0, impl='rbg'), model, tx, (32, 32, 3), mesh)
-  fresh_heads = train.split_heads(jax.device_get(state.params))[1]
+  fresh_heads = models.split_heads(jax.device_get(state.params))[1]
   loaded = jax.device_get(train.load_backbone(str(base_dir), state, mesh))
-  backbone, heads = train.split_heads(loaded.params)
+  backbone, heads = models.split_heads(loaded.params)
   for x, y in zip(jax.tree.leaves(backbone), jax.tree.leaves(base_vars['params'])):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(loaded.batch_stats), jax.tree.leaves(base_vars['batch_stats'])):
@@ -278,7 +278,7 @@ def test_init_from_loads_backbone_and_keeps_fresh_heads(tmp_path, data_dir):
     np.testing.assert_array_equal(x, y)
   # A gated checkpoint of another width is a clear error.
   bad = loop_config(data_dir, width=0.5)
-  bad_model = config_lib.model_from_config(bad, 10, bn_axis_name=train.AXIS)
+  bad_model = config_lib.model_from_config(bad, 10, bn_axis_name=parallel.AXIS)
   bad_state = train.create_train_state(jax.random.key(0, impl='rbg'), bad_model, tx, (32, 32, 3),
                                          mesh)
   with pytest.raises(ValueError, match='wrong shape'):

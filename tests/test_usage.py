@@ -143,6 +143,27 @@ def test_evaluate_refuses_a_config_of_another_network(runs):
     evaluate.evaluate_checkpoint(other, runs['ftwt'], 'latest')
 
 
+def test_evaluate_warns_on_forward_options_resolved_by_fidelity(caplog):
+  """Fidelity fields that change the forward pass compare as the profile resolves them;
+  those that change training only (shortcut_grad, bn_running_var) and conv_impl do not warn."""
+  stored = config_lib.base_config()
+  stored.fidelity = 'reference'        # shortcut_pad 'end', depthwise_rule 'head', ...
+  config = config_lib.base_config()    # 'spec': 'both', 'follow_input'
+  config.conv_impl = 'cpu'
+  with caplog.at_level('WARNING'):
+    evaluate.check_same_experiment(stored, config, 'W')
+  warned = [r.getMessage() for r in caplog.records if 'trained with' in r.getMessage()]
+  assert len(warned) == 2
+  assert "shortcut_pad='both'; the checkpoint was trained with 'end'" in warned[0]
+  assert "gate.depthwise_rule='follow_input'; the checkpoint was trained with 'head'" in warned[1]
+  caplog.clear()
+  config.fidelity = 'reference'
+  config.shortcut_pad = 'end'          # set explicitly: the same value as the profile's
+  with caplog.at_level('WARNING'):
+    evaluate.check_same_experiment(stored, config, 'W')
+  assert not [r for r in caplog.records if 'trained with' in r.getMessage()]
+
+
 # ------------------------------------------------------------------ estimate
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,9 @@ import functools
 from typing import Any
 
 import jax.numpy as jnp
+from flax import traverse_util
 
+from fttw_jax import choices
 from fttw_jax.models.conv_impl import CONV_IMPLS, compiler_options
 from fttw_jax.models.gating import HEAD_NAME, BackboneOptions, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
@@ -34,7 +36,7 @@ MODELS = {
     'mobilenet_v1_imagenet': _P(MobileNetV1, imagenet=True),
 }
 IMAGENET_MODELS = ('resnet18', 'resnet34', 'mobilenet_v1_imagenet')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in choices.DTYPES}  # jnp.float32, jnp.bfloat16
 
 
 def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
@@ -68,6 +70,20 @@ def is_head_path(path) -> bool:
   return HEAD_NAME in tuple(getattr(k, 'key', k) for k in path)
 
 
+def split_heads(params) -> tuple[dict, dict]:
+  """(backbone params, head params) as two nested dicts of the same layout."""
+  flat = traverse_util.flatten_dict(params)
+  return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_head_path(k)}),
+          traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_head_path(k)}))
+
+
+def merge_heads(backbone, heads) -> dict:
+  """The inverse of ``split_heads``: one params tree holding both."""
+  flat = traverse_util.flatten_dict(backbone)
+  flat.update(traverse_util.flatten_dict(heads))
+  return traverse_util.unflatten_dict(flat)
+
+
 __all__ = ['MODELS', 'IMAGENET_MODELS', 'BackboneOptions', 'CONV_IMPLS', 'compiler_options',
            'GateConfig', 'GatedConv', 'create_model',
-           'is_head_path']
+           'is_head_path', 'merge_heads', 'split_heads']

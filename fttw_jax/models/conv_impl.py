@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import jax
 
-CONV_IMPLS = ('auto', 'xla', 'cpu')
+from fttw_jax.choices import CONV_IMPLS, check_choice
 
 
 def resolve(conv_impl: str, backend: str | None = None) -> str:
   """'xla' or 'cpu' for ``conv_impl`` on ``backend`` (default: JAX's default backend)."""
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl={conv_impl!r} is invalid; valid values: {CONV_IMPLS}')
+  check_choice('conv_impl', conv_impl, CONV_IMPLS)
   backend = backend or jax.default_backend()
   if conv_impl == 'auto':
     return 'cpu' if backend == 'cpu' else 'xla'

@@ -16,26 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fttw_jax import ftwt
+from fttw_jax import choices, ftwt
 from fttw_jax.models.batch_norm import BatchNorm
 from fttw_jax.models.conv_impl import layer_boundary
 
 HEAD_NAME = 'head'
-POOLS = ('avg', 'max')
-MODES = ('decoupled', 'joint')
-MASK_SOURCES = ('predicted', 'target', 'ones')
-DEPTHWISE_RULES = ('follow_input', 'head')
-HEAD_WEIGHT_INITS = ('lecun_normal', 'torch_uniform')
-SHORTCUT_PADS = ('both', 'end')
-SHORTCUT_GRADS = ('flow', 'detached')
-BN_RUNNING_VARS = ('biased', 'unbiased')
-HEAD_NORMS = ('none', 'standardize')
 ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
-
-
-def _check_choice(field, value, valid):
-  if value not in valid:
-    raise ValueError(f'{field}={value!r} is invalid; valid values: {valid}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +66,7 @@ class GateConfig:
   head_norm: str = 'none'
 
   def __post_init__(self):
-    _check_choice('gate.pool', self.pool, POOLS)
-    _check_choice('gate.depthwise_rule', self.depthwise_rule, DEPTHWISE_RULES)
-    _check_choice('gate.head_weight_init', self.head_weight_init, HEAD_WEIGHT_INITS)
-    _check_choice('gate.mode', self.mode, MODES)
-    _check_choice('gate.criterion', self.criterion, ftwt.CRITERIA)
-    _check_choice('gate.mask_source', self.mask_source, MASK_SOURCES)
-    _check_choice('gate.head_norm', self.head_norm, HEAD_NORMS)
-    if self.criterion == 'mass':
-      ftwt.check_mass_threshold(self.threshold)
-    else:
-      ftwt.check_prune_ratio(self.threshold)
+    choices.check_gate({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +87,9 @@ class BackboneOptions:
   bn_running_var: str = 'biased'
 
   def __post_init__(self):
-    _check_choice('shortcut_pad', self.shortcut_pad, SHORTCUT_PADS)
-    _check_choice('shortcut_grad', self.shortcut_grad, SHORTCUT_GRADS)
-    _check_choice('bn_running_var', self.bn_running_var, BN_RUNNING_VARS)
+    choices.check_choice('shortcut_pad', self.shortcut_pad, choices.SHORTCUT_PADS)
+    choices.check_choice('shortcut_grad', self.shortcut_grad, choices.SHORTCUT_GRADS)
+    choices.check_choice('bn_running_var', self.bn_running_var, choices.BN_RUNNING_VARS)
 
 
 def check_images(x: jax.Array) -> None:

@@ -7,6 +7,6 @@
   kernel.py    building, loading and calling that custom call (csrc/gated_conv.cc)
 """
 
-from fttw_jax.sparse.walkers import SUPPORTED, check_supported
+from fttw_jax.sparse.walkers import check_supported
 from fttw_jax.sparse.xla import SparseModel
 from fttw_jax.sparse.native import NativeSparseModel

@@ -125,9 +125,9 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   """One layer, NCHW: ``(y (N, Cout, Ho, Wo), head logits (N, Cout), mask (N, Cout))``.
 
   ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
-  ``head`` = (head_w (Cin, Cout), head_b (Cout,)[, head_w.sum(0)]) or None (a plain
-  conv: logits zeros, mask ones); pass the column sums, computed once at load time,
-  or every call reads all of head_w for them. ``residual`` (N, Cout, Ho, Wo) or None.
+  ``head`` = (head_w (Cin, Cout), head_b (Cout,), head_w.sum(0)) or None (a plain
+  conv: logits zeros, mask ones), the column sums computed once at load time (so that
+  no call reads all of head_w for them). ``residual`` (N, Cout, Ho, Wo) or None.
   The mask is the one applied (depthwise: also off where the input channel is all
   zero, SPEC 2.2). ``sparse=False`` computes every channel and then masks. The
   samples of a batch are split across XLA's intra-op threads.
@@ -140,11 +140,7 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   pad = k // 2
   ho = (x.shape[2] + 2 * pad - k) // stride + 1
   wo = (x.shape[3] + 2 * pad - k) // stride + 1
-  if head is None:
-    head = (_EMPTY, _EMPTY, _EMPTY)
-  elif len(head) == 2:
-    head = (*head, jnp.sum(jnp.asarray(head[0]), axis=0))
-  head_w, head_b, head_colsum = head
+  head_w, head_b, head_colsum = (_EMPTY, _EMPTY, _EMPTY) if head is None else head
   call = jax.ffi.ffi_call(
       TARGET, (jax.ShapeDtypeStruct((n, cout, ho, wo), jnp.float32),
                jax.ShapeDtypeStruct((n, cout), jnp.float32),

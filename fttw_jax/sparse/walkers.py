@@ -32,9 +32,6 @@ from fttw_jax.models.mobilenet import (MOBILENET_V1_CFG, MOBILENET_V2_CFG, Mobil
 from fttw_jax.models.resnet import ResNet, pad_shortcut
 from fttw_jax.models.vgg import VGG
 
-SUPPORTED = ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vgg16_bn',
-             'mobilenet_v1', 'mobilenet_v2', 'resnet18', 'resnet34', 'mobilenet_v1_imagenet')
-
 
 def resnet(run, model: ResNet, x):
   x = run.conv('stem', x, stride=2 if model.imagenet else 1)
@@ -107,7 +104,7 @@ def check_supported(model) -> Callable:
   if walker is None:
     raise ValueError(
         f'sparse execution does not support {type(model).__name__}; supported '
-        f'architectures: {[t.__name__ for t in WALKERS]} (registry models {list(SUPPORTED)})')
+        f'architectures: {[t.__name__ for t in WALKERS]}')
   if model.gate is None:
     raise ValueError('sparse execution needs a gated model (gate=GateConfig(...)); '
                      'a baseline model has no heads to predict masks')
