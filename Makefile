@@ -38,12 +38,16 @@ demo: $(STAMP)
 	@echo "Report: $(WORKDIRS)/digits_ftwt/report/report.md"
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
+# Test files are spread over one worker per core (pytest-xdist, from requirements-test.txt;
+# each file's tests stay on one worker, so module fixtures run once); without it, serially.
+PARALLEL = $$($(PY) -c 'import xdist' 2>/dev/null && echo '-n auto --maxprocesses=4 --dist loadfile')
+
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q $(PARALLEL); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-all: $(TEST_STAMP)
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "" $(PARALLEL)
 
 clean:
 	rm -rf $(VENV) $(WORKDIRS)

@@ -46,6 +46,7 @@ def test_inference_bench_checks_sparse_against_apply():
   assert out['static_kept']['stem'] == 8 and out['static_kept']['layer3_0/conv2'] == 32
 
 
+@pytest.mark.slow  # the bench's subprocess, ~40 s; the batch path is also in test_sparse
 def test_inference_bench_batches():
   """--batch N: distinct images per call, images/s per column, checked per sample."""
   out = bench_json('inference.py', '--model', 'resnet8', '--steps', '2', '--warmup', '1',
@@ -60,6 +61,7 @@ def test_inference_bench_batches():
   assert proc.returncode != 0 and 'nothing sparse' in proc.stderr
 
 
+@pytest.mark.slow  # three compiled forwards in a subprocess, ~22 s
 def test_profile_ops_counts_ops_per_forward():
   out = bench_json('profile_ops.py', '--model', 'resnet8', '--calls', '2', '--warmup', '1')
   ops = {w: out[w]['ops_per_call'] for w in ('dense', 'masked', 'sparse')}

@@ -65,6 +65,7 @@ def test_bfloat16_gated_forward_matches_float32(name):
   assert np.mean(gate_values(got_aux, 'target') == gate_values(want_aux, 'target')) >= 0.98
 
 
+@pytest.mark.slow  # two sharded train-step compiles, ~33 s; the forward cases stay fast
 def test_bfloat16_train_step_resnet8():
   """One sharded step (4 devices): finite loss close to float32's, state stays float32."""
   batches = synthetic_batches(1)
