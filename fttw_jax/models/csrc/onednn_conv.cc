@@ -14,18 +14,20 @@
 //   FttwOnednnConvBwdData(dy (N,Ho,Wo,Co), w) -> dx (N,H,W,Ci)
 //   FttwOnednnConvBwdWeights(x, dy) -> dw (KH,KW,Ci,Co)
 //
-// Primitives are built once per shape and kept (a map under a mutex). Threads: this
+// Primitives are built once per shape and kept (a map under a mutex), each with its own
+// scratchpad: oneDNN's library-managed one is per thread, and XLA runs a call on
+// whichever of its threads is free, not the one that built the primitive. Threads: this
 // oneDNN build runs on OpenMP; calls are serialised by one mutex, so that the
 // devices of a shard_map (XLA runs each on its own thread) never start several
 // OpenMP teams on the same cores at once.
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -47,6 +49,7 @@ struct Geometry {
 // HWIO, the reorder between the two and a buffer for the reordered kernel.
 struct Plan {
   dnnl::primitive conv;
+  std::vector<char> scratch;  // the conv's and the reorder's scratchpad (mode user)
   memory::desc wei_md;  // the conv's kernel layout
   bool reorder = false;
   dnnl::reorder wei_reorder;
@@ -69,40 +72,53 @@ memory::desc Md(const memory::dims& d, tag t) {
   return memory::desc(d, memory::data_type::f32, t);
 }
 
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc FwdPd(const dnnl::engine& e, const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       e, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       Md(g.src, tag::nhwc), Md(g.wei, tag::any), Md(g.dst, tag::nhwc), g.strides, g.pad_l,
-      g.pad_r);
+      g.pad_r, UserScratchpad());
 }
 
 std::unique_ptr<Plan> MakePlan(const dnnl::engine& e, Kind kind, const Geometry& g) {
   auto plan = std::make_unique<Plan>();
   auto fwd = FwdPd(e, g);
   memory::desc hwio = Md(g.wei, tag::hwio);
+  size_t scratch = 0;
   if (kind == kFwd) {
     plan->conv = dnnl::convolution_forward(fwd);
     plan->wei_md = fwd.weights_desc();
+    scratch = fwd.scratchpad_desc().get_size();
   } else if (kind == kBwdData) {
     dnnl::convolution_backward_data::primitive_desc pd(
         e, dnnl::algorithm::convolution_direct, Md(g.src, tag::nhwc), Md(g.wei, tag::any),
-        Md(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+        Md(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd, UserScratchpad());
     plan->conv = dnnl::convolution_backward_data(pd);
     plan->wei_md = pd.weights_desc();
+    scratch = pd.scratchpad_desc().get_size();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         e, dnnl::algorithm::convolution_direct, Md(g.src, tag::nhwc), Md(g.wei, tag::any),
-        Md(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+        Md(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd, UserScratchpad());
     plan->conv = dnnl::convolution_backward_weights(pd);
     plan->wei_md = pd.diff_weights_desc();
+    scratch = pd.scratchpad_desc().get_size();
   }
   plan->reorder = plan->wei_md != hwio;
   if (plan->reorder) {
     plan->wei_buf.resize(plan->wei_md.get_size() / sizeof(float));
-    plan->wei_reorder = kind == kBwdWeights
-                            ? dnnl::reorder(dnnl::reorder::primitive_desc(e, plan->wei_md, e, hwio))
-                            : dnnl::reorder(dnnl::reorder::primitive_desc(e, hwio, e, plan->wei_md));
+    auto pd = kind == kBwdWeights
+                  ? dnnl::reorder::primitive_desc(e, plan->wei_md, e, hwio, UserScratchpad())
+                  : dnnl::reorder::primitive_desc(e, hwio, e, plan->wei_md, UserScratchpad());
+    plan->wei_reorder = dnnl::reorder(pd);
+    scratch = std::max(scratch, pd.scratchpad_desc().get_size());
   }
+  plan->scratch.resize(std::max<size_t>(scratch, 1));
   return plan;
 }
 
@@ -138,20 +154,29 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     };
     memory hwio = mem(g.wei, tag::hwio, kind == kBwdWeights ? out->typed_data() : b.typed_data());
     memory wei = p.reorder ? memory(p.wei_md, e, p.wei_buf.data()) : hwio;
-    if (p.reorder && kind != kBwdWeights) p.wei_reorder.execute(rt.stream, hwio, wei);
+    memory scratch(memory::desc({static_cast<int64_t>(p.scratch.size())},
+                                memory::data_type::u8, tag::a), e, p.scratch.data());
+    auto reorder = [&](memory& from, memory& to) {
+      p.wei_reorder.execute(rt.stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                        {DNNL_ARG_SCRATCHPAD, scratch}});
+    };
+    if (p.reorder && kind != kBwdWeights) reorder(hwio, wei);
     if (kind == kFwd) {
-      p.conv.execute(rt.stream, {{DNNL_ARG_SRC, mem(g.src, tag::nhwc, a.typed_data())},
+      p.conv.execute(rt.stream, {{DNNL_ARG_SCRATCHPAD, scratch},
+                                 {DNNL_ARG_SRC, mem(g.src, tag::nhwc, a.typed_data())},
                                  {DNNL_ARG_WEIGHTS, wei},
                                  {DNNL_ARG_DST, mem(g.dst, tag::nhwc, out->typed_data())}});
     } else if (kind == kBwdData) {
-      p.conv.execute(rt.stream, {{DNNL_ARG_DIFF_DST, mem(g.dst, tag::nhwc, a.typed_data())},
+      p.conv.execute(rt.stream, {{DNNL_ARG_SCRATCHPAD, scratch},
+                                 {DNNL_ARG_DIFF_DST, mem(g.dst, tag::nhwc, a.typed_data())},
                                  {DNNL_ARG_WEIGHTS, wei},
                                  {DNNL_ARG_DIFF_SRC, mem(g.src, tag::nhwc, out->typed_data())}});
     } else {
-      p.conv.execute(rt.stream, {{DNNL_ARG_SRC, mem(g.src, tag::nhwc, a.typed_data())},
+      p.conv.execute(rt.stream, {{DNNL_ARG_SCRATCHPAD, scratch},
+                                 {DNNL_ARG_SRC, mem(g.src, tag::nhwc, a.typed_data())},
                                  {DNNL_ARG_DIFF_DST, mem(g.dst, tag::nhwc, b.typed_data())},
                                  {DNNL_ARG_DIFF_WEIGHTS, wei}});
-      if (p.reorder) p.wei_reorder.execute(rt.stream, wei, hwio);
+      if (p.reorder) reorder(wei, hwio);
     }
     rt.stream.wait();
   } catch (const dnnl::error& err) {
