@@ -23,7 +23,7 @@ HEAD_NORMS = ('none', 'standardize')
 SHORTCUT_PADS = ('both', 'end')
 SHORTCUT_GRADS = ('flow', 'detached')
 BN_RUNNING_VARS = ('biased', 'unbiased')
-CONV_IMPLS = ('auto', 'xla', 'cpu')
+CONV_IMPLS = ('auto', 'xla', 'cpu', 'onednn')
 DTYPES = ('float32', 'bfloat16')
 
 

@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = 'resnet20'
   c.width = 1.0                 # channel width multiplier
   c.dtype = 'float32'           # compute dtype; params stay float32
-  c.conv_impl = 'auto'          # 'auto' (per backend) | 'xla' | 'cpu': models/conv_impl.py
+  c.conv_impl = 'auto'          # 'auto' | 'xla' | 'cpu' | 'onednn': models/conv_impl.py
   c.dataset = 'digits'
   c.data_dir = ''               # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
   c.stage = 'baseline'          # 'baseline' (dense, no heads) or 'ftwt' (gated)

@@ -93,5 +93,7 @@ def test_resolve_per_backend_and_bad_values():
   assert conv_impl.compiler_options('xla') is None
   with pytest.raises(ValueError, match=r"conv_impl='cpu' is for the CPU backend"):
     conv_impl.resolve('cpu', 'gpu')
-  with pytest.raises(ValueError, match=r"conv_impl='onednn'.*'auto', 'xla', 'cpu'"):
-    conv_impl.resolve('onednn', 'cpu')
+  with pytest.raises(ValueError, match=r"conv_impl='onednn' is for the CPU backend"):
+    conv_impl.resolve('onednn', 'gpu')
+  with pytest.raises(ValueError, match=r"conv_impl='eigen'.*'auto', 'xla', 'cpu', 'onednn'"):
+    conv_impl.resolve('eigen', 'cpu')

@@ -55,10 +55,16 @@ def run_steps(config, devices, batches, steps_per_epoch=100, tx=None):
   return initial, jax.device_get(state), jax.device_get(metrics)
 
 
+def skip_without_onednn(conv_impl):
+  if conv_impl == 'onednn' and models.onednn_conv.unavailable():
+    pytest.skip(f'oneDNN unavailable: {models.onednn_conv.unavailable()}')
+
+
 @pytest.mark.parametrize('stage', ['baseline', 'ftwt'])
-@pytest.mark.parametrize('conv_impl', ['xla', 'cpu'])
+@pytest.mark.parametrize('conv_impl', ['xla', 'cpu', 'onednn'])
 def test_one_vs_four_devices_same_params(stage, conv_impl):
   assert jax.device_count() == 4, 'conftest forces 4 CPU devices'
+  skip_without_onednn(conv_impl)
   config = tiny_config(stage, conv_impl=conv_impl)
   batches = synthetic_batches(3)
   _, one, m1 = run_steps(config, jax.devices()[:1], batches)
@@ -71,11 +77,14 @@ def test_one_vs_four_devices_same_params(stage, conv_impl):
 
 
 @pytest.mark.parametrize('stage', ['baseline', 'ftwt'])
-def test_cpu_conv_impl_trains_like_xla(stage):
-  """conv_impl='cpu' (own BN VJP, barriers, YNN fusions) = XLA's ops, after 4 steps."""
+@pytest.mark.parametrize('conv_impl', ['cpu', 'onednn'])
+def test_cpu_conv_impl_trains_like_xla(stage, conv_impl):
+  """conv_impl='cpu' (own BN VJP, barriers, YNN fusions) and 'onednn' (also oneDNN's
+  convs) = XLA's ops, after 4 steps."""
+  skip_without_onednn(conv_impl)
   batches = synthetic_batches(4)
   initial, xla, mx = run_steps(tiny_config(stage, conv_impl='xla'), jax.devices(), batches)
-  _, cpu, mc = run_steps(tiny_config(stage, conv_impl='cpu'), jax.devices(), batches)
+  _, cpu, mc = run_steps(tiny_config(stage, conv_impl=conv_impl), jax.devices(), batches)
   moved = False
   for (path, a), b, c in zip(jax.tree.leaves_with_path(xla), jax.tree.leaves(cpu),
                              jax.tree.leaves(initial)):
@@ -299,7 +308,7 @@ def test_non_finite_loss_stops_with_step_number(tmp_path, data_dir):
     ('gate.mode', 'both', r"gate.mode='both'.*decoupled"),
     ('stage', 'prune', r"config.stage='prune'"),
     ('batch_size', 0, r'batch_size=0'),
-    ('conv_impl', 'onednn', r"config.conv_impl='onednn'.*'cpu'"),
+    ('conv_impl', 'eigen', r"config.conv_impl='eigen'.*'onednn'"),
 ])
 def test_bad_config_values(field, value, message, tmp_path):
   config = tiny_config(**{field: value})

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from fttw_jax import choices
-from fttw_jax.models.conv_impl import CONV_IMPLS, compiler_options
+from fttw_jax.models.conv_impl import CONV_IMPLS, CPU_IMPLS, compiler_options
 from fttw_jax.models.gating import HEAD_NAME, BackboneOptions, GateConfig, GatedConv
 from fttw_jax.models.mobilenet import MobileNetV1, MobileNetV2
 from fttw_jax.models.resnet import ResNet
@@ -46,7 +46,7 @@ def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
   """Build a registered backbone; ``gate=None`` gives the plain baseline network.
 
   ``options``: shortcut and BatchNorm behaviours (default: SPEC's, see
-  ``BackboneOptions``); ``conv_impl``: 'xla' or 'cpu' (``models.conv_impl``). Neither
+  ``BackboneOptions``); ``conv_impl``: 'xla', 'cpu' or 'onednn' (``models.conv_impl``). Neither
   changes a parameter shape.
   """
   if name not in MODELS:
@@ -57,9 +57,10 @@ def create_model(name: str, *, num_classes: int, gate: GateConfig | None = None,
     raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
   if not width > 0:
     raise ValueError(f'width multiplier must be > 0, got {width!r}')
-  if conv_impl not in ('xla', 'cpu'):
-    raise ValueError(f"conv_impl={conv_impl!r} is invalid here; valid: 'xla', 'cpu' "
-                     "(conv_impl.resolve turns 'auto' into one of them)")
+  if conv_impl not in ('xla', *CPU_IMPLS):
+    raise ValueError(f"conv_impl={conv_impl!r} is invalid here; valid: 'xla', "
+                     f"{', '.join(map(repr, CPU_IMPLS))} (conv_impl.resolve turns 'auto' "
+                     "into one of them)")
   return MODELS[name](num_classes=num_classes, gate=gate, width=width,
                       dtype=DTYPES[dtype], bn_axis_name=bn_axis_name,
                       options=options or BackboneOptions(), conv_impl=conv_impl)

@@ -6,7 +6,7 @@ scale/bias, batch_stats mean/var) and the same float32 statistics, global over
 'biased' (as ``nn.BatchNorm``) or 'unbiased', n/(n-1) over the global batch
 (PyTorch, SPEC 9.4); normalisation always uses the biased one, as both frameworks do.
 
-``custom_vjp`` (train mode under ``conv_impl='cpu'``, for XLA:CPU): autodiff of BN
+``custom_vjp`` (train mode under ``conv_impl`` 'cpu' or 'onednn', for XLA:CPU): autodiff of BN
 gives XLA:CPU a backward graph that it fuses into long recomputing chains; this
 one states the classic BN gradient directly:
 ``dx = a * (g - mean(g) - xhat * mean(g * xhat))``, ``dscale = sum(g * xhat)``,
@@ -80,7 +80,7 @@ def _backward(epsilon, axis_name, res, cotangents):
 batch_norm_train.defvjp(_forward, _backward)
 
 
-def _vary_like(p, x):
+def vary_like(p, x):
   """``p`` cast to the shard_map axes over which ``x`` varies (no-op outside one)."""
   varying = lambda v: jax.typeof(v).manual_axis_type.varying
   axes = tuple(sorted(varying(x) - varying(p)))
@@ -110,7 +110,7 @@ class BatchNorm(nn.Module):
     axis_name = None if self.is_initializing() else self.axis_name
     xf = x.astype(jnp.float32)
     if self.custom_vjp:
-      y, mean, var = batch_norm_train(xf, _vary_like(scale, x), _vary_like(bias, x),
+      y, mean, var = batch_norm_train(xf, vary_like(scale, x), vary_like(bias, x),
                                       self.epsilon, axis_name)
     else:
       (y, mean, var), _ = _forward(xf, scale, bias, self.epsilon, axis_name)

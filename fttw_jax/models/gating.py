@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from fttw_jax import choices, ftwt
 from fttw_jax.models.batch_norm import BatchNorm
-from fttw_jax.models.conv_impl import layer_boundary
+from fttw_jax.models.conv_impl import CPU_IMPLS, conv_general_dilated, layer_boundary
 
 HEAD_NAME = 'head'
 ACTIVATIONS = {'relu': nn.relu, 'none': lambda x: x}
@@ -101,10 +101,10 @@ def check_images(x: jax.Array) -> None:
 def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str,
                running_var: str = 'biased', conv_impl: str = 'xla'):
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5); train mode under
-  ``conv_impl='cpu'`` takes its own VJP (batch_norm.py)."""
+  ``conv_impl`` 'cpu' or 'onednn' takes its own VJP (batch_norm.py)."""
   return BatchNorm(use_running_average=not train, axis_name=axis_name if train else None,
                    dtype=dtype, running_var=running_var,
-                   custom_vjp=train and conv_impl == 'cpu', name=name)
+                   custom_vjp=train and conv_impl in CPU_IMPLS, name=name)
 
 
 def head_initializers(gate: GateConfig, fan_in: int) -> dict:
@@ -163,7 +163,7 @@ class GatedConv(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_running_var: str = 'biased'
-  conv_impl: str = 'xla'  # 'xla' | 'cpu' (models/conv_impl.py)
+  conv_impl: str = 'xla'  # 'xla' | 'cpu' | 'onednn' (models/conv_impl.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False, residual=None):
@@ -176,7 +176,8 @@ class GatedConv(nn.Module):
         self.features, (self.kernel_size, self.kernel_size),
         strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
         feature_group_count=cin if self.depthwise else 1, use_bias=self.use_bias,
-        dtype=self.dtype, name='conv')(x)
+        dtype=self.dtype, conv_general_dilated=conv_general_dilated(self.conv_impl),
+        name='conv')(x)
     z = batch_norm(train, self.bn_axis_name, self.dtype, 'bn', self.bn_running_var,
                    self.conv_impl)(z)
 
@@ -224,7 +225,7 @@ class GatedNetwork(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   options: BackboneOptions = BackboneOptions()
-  conv_impl: str = 'xla'  # 'xla' | 'cpu' (models/conv_impl.py): how, not what, it computes
+  conv_impl: str = 'xla'  # models/conv_impl.py: how, not what, it computes
 
   def shared(self) -> dict:
     """The fields above, for building a sub-block with the same options."""
@@ -237,6 +238,11 @@ class GatedNetwork(nn.Module):
                      bn_axis_name=self.bn_axis_name,
                      bn_running_var=self.options.bn_running_var, conv_impl=self.conv_impl,
                      **kwargs)
+
+  def conv(self, features: int, kernel_size: tuple[int, int], **kwargs) -> nn.Conv:
+    """A plain (never gated) conv, computed as ``conv_impl`` says."""
+    return nn.Conv(features, kernel_size, dtype=self.dtype,
+                   conv_general_dilated=conv_general_dilated(self.conv_impl), **kwargs)
 
   def batch_norm(self, train: bool, name: str):
     return batch_norm(train, self.bn_axis_name, self.dtype, name, self.options.bn_running_var,

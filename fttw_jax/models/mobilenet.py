@@ -48,8 +48,7 @@ class InvertedResidual(GatedNetwork, kw_only=True):
     if self.strides == 1:
       shortcut = x
       if x.shape[-1] != self.features:
-        shortcut = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                           name='shortcut_conv')(x)
+        shortcut = self.conv(self.features, (1, 1), use_bias=False, name='shortcut_conv')(x)
         shortcut = self.batch_norm(train, 'shortcut_bn')(shortcut)
       y = y + shortcut
     return y, {**g1, **g2, **g3}

@@ -38,9 +38,8 @@ class BasicBlock(GatedNetwork, kw_only=True):
         residual = pad_shortcut(x, self.features, self.strides, self.options.shortcut_pad,
                                 self.options.shortcut_grad)
       else:
-        residual = nn.Conv(self.features, (1, 1), strides=(self.strides, self.strides),
-                           padding='VALID', use_bias=False, dtype=self.dtype,
-                           name='downsample_conv')(x)
+        residual = self.conv(self.features, (1, 1), strides=(self.strides, self.strides),
+                             padding='VALID', use_bias=False, name='downsample_conv')(x)
         residual = self.batch_norm(train, 'downsample_bn')(residual)
     y, g1 = self.gated_conv(self.features, 3, self.strides, name='conv1')(x, train)
     y, g2 = self.gated_conv(self.features, 3, 1, act='none', name='conv2')(
