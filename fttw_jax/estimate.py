@@ -138,7 +138,8 @@ def build(config, workdir, num_examples: int = 512) -> Estimator:
   source = dense_source(config, workdir)
   model = config_lib.model_from_config(config, info.num_classes, mask_source='target')
   stored, _, _ = checkpoint.read_config(source, 'latest')
-  evaluate.check_same_experiment(stored, config, source, keys=SAME_NETWORK, forward_keys=())
+  evaluate.check_same_experiment(stored, config, source, keys=SAME_NETWORK, forward_keys=(),
+                                head_keys=())
   variables, _, step = restore_for_targets(source, model, image_shape)
   prof = flops.profile(model, (1, *image_shape))
   mesh = parallel.make_mesh()

@@ -27,9 +27,11 @@ EXPERIMENT_KEYS = config_lib.EXPERIMENT_KEYS
 # Fields that change the forward pass without changing any parameter shape. The
 # fidelity fields among them compare resolved (``config.fidelity_option``); the others
 # (shortcut_grad, bn_running_var, ...) and conv_impl change training or rounding only.
-FORWARD_KEYS = ('dtype', 'gate.pool', 'gate.softmax', 'gate.mode', 'gate.criterion',
-                'gate.threshold', 'gate.gt_after_block', 'gate.head_norm', 'shortcut_pad',
-                'gate.depthwise_rule')
+FORWARD_KEYS = ('dtype', 'gate.mode', 'gate.criterion', 'gate.threshold',
+                'gate.gt_after_block', 'shortcut_pad', 'gate.depthwise_rule')
+# What a trained head sees: under another value its weights meet inputs they were never
+# trained on and the masks are another model's, so a difference is an error, not a note.
+HEAD_INPUT_KEYS = ('gate.pool', 'gate.softmax', 'gate.head_norm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +60,19 @@ def _forward_value(config, dotted: str):
 
 
 def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
-                          forward_keys=FORWARD_KEYS) -> None:
+                          forward_keys=FORWARD_KEYS, head_keys=HEAD_INPUT_KEYS) -> None:
   """The user's --config must describe the network that was trained.
 
-  Model, width, dataset and stage decide the parameter tree, so a difference
-  is an error; forward-only options (gate pool, threshold, ...) are honoured
-  but logged, since they change what is measured.
+  Model, width, dataset and stage decide the parameter tree, and (for an FTWT run)
+  the head input options decide what the trained heads compute, so a difference
+  is an error; other forward options (threshold, dtype, ...) are honoured but
+  logged, since they change what is measured.
   """
   details = config_lib.describe_differences(stored, config, keys, label='--config')
+  if not details and stored.get('stage') == 'ftwt':
+    pairs = [(k, _forward_value(stored, k), _forward_value(config, k)) for k in head_keys]
+    details = ', '.join(f'{k}: checkpoint {a!r} vs --config {b!r}'
+                        for k, a, b in pairs if a is not None and a != b)
   if details:
     raise UserError(
         f'--config disagrees with the config stored with the checkpoint in {where} '

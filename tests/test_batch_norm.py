@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from fttw_jax.errors import UserError
 from fttw_jax.models import batch_norm, conv_impl
 
 X = jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) * 3 + 1
@@ -91,9 +92,9 @@ def test_resolve_per_backend_and_bad_values():
   assert conv_impl.resolve('auto', 'tpu') == 'xla'
   assert conv_impl.resolve('xla', 'cpu') == 'xla'
   assert conv_impl.compiler_options('xla') is None
-  with pytest.raises(ValueError, match=r"conv_impl='cpu' is for the CPU backend"):
+  with pytest.raises(UserError, match=r"conv_impl='cpu' is for the CPU backend"):
     conv_impl.resolve('cpu', 'gpu')
-  with pytest.raises(ValueError, match=r"conv_impl='onednn' is for the CPU backend"):
+  with pytest.raises(UserError, match=r"conv_impl='onednn' is for the CPU backend"):
     conv_impl.resolve('onednn', 'gpu')
   with pytest.raises(ValueError, match=r"conv_impl='eigen'.*'auto', 'xla', 'cpu', 'onednn'"):
     conv_impl.resolve('eigen', 'cpu')

@@ -15,6 +15,7 @@ from fttw_jax import api, checkpoint, data, estimate, evaluate, flops, paper_res
 from fttw_jax import static
 from fttw_jax import config as config_lib
 from fttw_jax import train
+from fttw_jax.errors import UserError
 from helpers import skip_without_compiler
 from test_train import loop_config
 
@@ -162,6 +163,29 @@ def test_evaluate_warns_on_forward_options_resolved_by_fidelity(caplog):
   with caplog.at_level('WARNING'):
     evaluate.check_same_experiment(stored, config, 'W')
   assert not [r for r in caplog.records if 'trained with' in r.getMessage()]
+
+
+def test_evaluate_refuses_other_head_inputs_than_the_trained_heads_saw():
+  """A trained head under another pool/softmax/head_norm is another model: an error,
+  not a warning (a run trained with head_norm='standardize' evaluated with the plain
+  config gave 62 % top-1 at another cost, with only a warning, before)."""
+  stored = config_lib.base_config()
+  stored.stage = 'ftwt'
+  stored.gate.head_norm = 'standardize'
+  config = config_lib.base_config()
+  config.stage = 'ftwt'
+  with pytest.raises(UserError, match=r"gate.head_norm: checkpoint 'standardize' vs "
+                                      r"--config 'none'.*saved in W/config.json"):
+    evaluate.check_same_experiment(stored, config, 'W')
+  config.gate.head_norm, config.gate.softmax = 'standardize', False
+  with pytest.raises(UserError, match=r"gate.softmax: checkpoint True vs --config False"):
+    evaluate.check_same_experiment(stored, config, 'W')
+  config.gate.softmax = True
+  config.gate.threshold = 0.5                          # measured differently: a warning
+  evaluate.check_same_experiment(stored, config, 'W')
+  stored.stage = config.stage = 'baseline'             # no heads: nothing to disagree on
+  config.gate.pool = 'max'
+  evaluate.check_same_experiment(stored, config, 'W')
 
 
 # ------------------------------------------------------------------ estimate

@@ -20,6 +20,7 @@ import jax
 from jax import lax
 
 from fttw_jax.choices import CONV_IMPLS, check_choice
+from fttw_jax.errors import UserError
 from fttw_jax.models import onednn_conv
 
 CPU_IMPLS = ('cpu', 'onednn')   # the XLA:CPU conv-BN graph (custom-VJP BN, barriers, YNN)
@@ -32,7 +33,7 @@ def resolve(conv_impl: str, backend: str | None = None) -> str:
   if conv_impl == 'auto':
     return 'cpu' if backend == 'cpu' else 'xla'
   if conv_impl in CPU_IMPLS and backend != 'cpu':
-    raise ValueError(f"conv_impl={conv_impl!r} is for the CPU backend; this one is "
+    raise UserError(f"conv_impl={conv_impl!r} is for the CPU backend; this one is "
                      f"{backend!r} (use 'auto' or 'xla')")
   if conv_impl == 'onednn' and onednn_conv.unavailable():
     return 'cpu'
