@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fttw_jax.errors import UserError
-from fttw_jax.models import batch_norm, conv_impl
+from fttw_jax.models import batch_norm, conv_impl, onednn_conv
 
 X = jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) * 3 + 1
 G = jax.random.normal(jax.random.key(1), (8, 5, 5, 6))
@@ -87,7 +87,7 @@ def test_wrong_device_count_would_show():
 
 
 def test_resolve_per_backend_and_bad_values():
-  assert conv_impl.resolve('auto', 'cpu') == 'cpu'
+  assert conv_impl.resolve('auto', 'cpu') == ('cpu' if onednn_conv.unavailable() else 'onednn')
   assert conv_impl.resolve('auto', 'gpu') == 'xla'
   assert conv_impl.resolve('auto', 'tpu') == 'xla'
   assert conv_impl.resolve('xla', 'cpu') == 'xla'

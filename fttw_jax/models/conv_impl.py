@@ -11,7 +11,8 @@
 * ``'onednn'``: ``'cpu'`` with oneDNN's convolutions and their backward passes in
   place of Eigen's (``onednn_conv.py``; optional: without oneDNN, or when its build
   fails, ``resolve`` logs why and gives ``'cpu'``).
-* ``'auto'``: ``'cpu'`` on the CPU backend, ``'xla'`` elsewhere.
+* ``'auto'``: ``'onednn'`` on the CPU backend (so ``'cpu'`` where oneDNN cannot be
+  had), ``'xla'`` elsewhere.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def resolve(conv_impl: str, backend: str | None = None) -> str:
   check_choice('conv_impl', conv_impl, CONV_IMPLS)
   backend = backend or jax.default_backend()
   if conv_impl == 'auto':
-    return 'cpu' if backend == 'cpu' else 'xla'
+    conv_impl = 'onednn' if backend == 'cpu' else 'xla'
   if conv_impl in CPU_IMPLS and backend != 'cpu':
     raise UserError(f"conv_impl={conv_impl!r} is for the CPU backend; this one is "
                      f"{backend!r} (use 'auto' or 'xla')")
