@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIRS ?= workdirs
 DEMO := configs/default.py
+# Evaluate and checkpoint every third epoch (and the last step): the same training, ~1 min less.
+DEMO_CADENCE := --config.eval_every_epochs=3 --config.checkpoint_every_epochs=3
 
 .PHONY: demo test test-all venv clean
 
@@ -27,11 +29,11 @@ venv: $(STAMP)
 # The embedded offline demo: dense baseline -> FLOPs estimate for r -> FTWT -> report.
 # Re-running resumes (finishes at once when done) and rewrites the reports.
 demo: $(STAMP)
-	$(PY) main.py --config=$(DEMO):baseline --workdir=$(WORKDIRS)/digits_dense
+	$(PY) main.py --config=$(DEMO):baseline --workdir=$(WORKDIRS)/digits_dense $(DEMO_CADENCE)
 	$(PY) main.py --config=$(DEMO):ftwt --workdir=$(WORKDIRS)/digits_ftwt \
 	  --config.init_from=$(WORKDIRS)/digits_dense --mode=estimate
 	$(PY) main.py --config=$(DEMO):ftwt --workdir=$(WORKDIRS)/digits_ftwt \
-	  --config.init_from=$(WORKDIRS)/digits_dense
+	  --config.init_from=$(WORKDIRS)/digits_dense $(DEMO_CADENCE)
 	$(PY) main.py --config=$(DEMO):baseline --workdir=$(WORKDIRS)/digits_dense --mode=report
 	$(PY) main.py --config=$(DEMO):ftwt --workdir=$(WORKDIRS)/digits_ftwt \
 	  --config.init_from=$(WORKDIRS)/digits_dense --mode=report
