@@ -35,7 +35,7 @@ def resolve(conv_impl: str, backend: str | None = None) -> str:
     conv_impl = 'onednn' if backend == 'cpu' else 'xla'
   if conv_impl in CPU_IMPLS and backend != 'cpu':
     raise UserError(f"conv_impl={conv_impl!r} is for the CPU backend; this one is "
-                     f"{backend!r} (use 'auto' or 'xla')")
+                    f"{backend!r} (use 'auto' or 'xla')")
   if conv_impl == 'onednn' and onednn_conv.unavailable():
     return 'cpu'
   return conv_impl
