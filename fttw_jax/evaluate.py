@@ -59,6 +59,13 @@ def _forward_value(config, dotted: str):
   return config_lib.lookup(config, dotted)
 
 
+def _differences(stored, config, keys):
+  """(key, stored value, --config value) for each of ``keys`` the two set differently;
+  a key the stored config lacks (saved before it existed) is not a difference."""
+  pairs = ((k, _forward_value(stored, k), _forward_value(config, k)) for k in keys)
+  return [(k, a, b) for k, a, b in pairs if a is not None and a != b]
+
+
 def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
                           forward_keys=FORWARD_KEYS, head_keys=HEAD_INPUT_KEYS) -> None:
   """The user's --config must describe the network that was trained.
@@ -70,19 +77,16 @@ def check_same_experiment(stored, config, where, keys=EXPERIMENT_KEYS,
   """
   details = config_lib.describe_differences(stored, config, keys, label='--config')
   if not details and stored.get('stage') == 'ftwt':
-    pairs = [(k, _forward_value(stored, k), _forward_value(config, k)) for k in head_keys]
     details = ', '.join(f'{k}: checkpoint {a!r} vs --config {b!r}'
-                        for k, a, b in pairs if a is not None and a != b)
+                        for k, a, b in _differences(stored, config, head_keys))
   if details:
     raise UserError(
         f'--config disagrees with the config stored with the checkpoint in {where} '
         f'({details}). Pass the config the run was trained with (it is saved in '
         f'{where}/config.json).')
-  for key in forward_keys:
-    a, b = _forward_value(stored, key), _forward_value(config, key)
-    if a is not None and a != b:
-      logging.warning('evaluating with --config %s=%r; the checkpoint was trained with %r',
-                      key, b, a)
+  for key, a, b in _differences(stored, config, forward_keys):
+    logging.warning('evaluating with --config %s=%r; the checkpoint was trained with %r',
+                    key, b, a)
 
 
 def variable_shapes(model, image_shape) -> dict:
