@@ -315,7 +315,7 @@ def torch_steps(name, x, labels, steps=2, cooldown_epoch=1):
     (ce + mask_loss).backward()
     for o in opts:
       o.step()
-    out.append((float(ce), float(mask_loss), numpy_sd(sd)))
+    out.append((ce.item(), float(mask_loss.detach()), numpy_sd(sd)))
   return out
 
 

@@ -91,6 +91,38 @@ def test_mass_targets_match_numpy_reference():
   np.testing.assert_array_equal(ftwt.mass_targets(y, r), expected)
 
 
+def _ranked(row):
+  """Channel indices by a stable descending sort (ties: lower index first)."""
+  return sorted(range(len(row)), key=lambda c: (-row[c], c))
+
+
+@pytest.mark.parametrize('channels', [1, 5, 64, 512])
+def test_targets_with_ties_and_dead_channels_match_numpy_reference(channels):
+  """Many equal scores (so the cut often falls inside a tie) and all-zero channels: the
+  k channels kept are the first k of the stable ranking, for both criteria."""
+  rng = np.random.default_rng(channels)
+  s = np.round(rng.random((12, channels)) * 4).astype(np.float32) / 4
+  s[:, ::3] = 0.0
+  s[0] = 0.0                               # a sample with every channel dead
+  y = np.zeros((12, 2, 2, channels), np.float32)
+  y[:, 0, 1] = s
+  p = s / np.where(s.sum(-1, keepdims=True) > 0, s.sum(-1, keepdims=True), 1.0)
+  for r in (0.0, 0.3, 0.55, 0.8, 0.97):
+    expected = np.ones_like(p)
+    for n in range(1, len(p)):
+      order = _ranked(p[n])
+      q = np.cumsum(p[n, order])
+      expected[n, order] = (q - r <= 1e-5)
+    np.testing.assert_array_equal(ftwt.mass_targets(y, r), expected, err_msg=f'r={r}')
+  for q in (0.0, 0.25, 0.5, 0.9):
+    expected = np.zeros_like(s)
+    for n in range(len(s)):
+      kept = _ranked(s[n])[:channels - int(np.floor(np.float32(q) * channels))]
+      expected[n, kept] = 1.0
+    expected *= s > 1e-5
+    np.testing.assert_array_equal(ftwt.uniform_targets(y, q), expected, err_msg=f'q={q}')
+
+
 @pytest.mark.parametrize('bad', [1.5, float('nan'), float('inf')])
 def test_bad_mass_threshold(bad):
   with pytest.raises(ValueError, match=r'r=.*valid'):
