@@ -4,14 +4,18 @@
   python bench/train_step.py --model resnet56 --compare-torch --compare-xla
 
 Both steps are the project's own ``train.train_step`` over the same mesh and
-batch; every runner is timed in alternation (A B C A B C ...) so that drift on a
+batch; runners are timed in alternation (A B C A B C ...) so that drift on a
 shared machine hits all alike. ``gated_over_baseline_ratio`` = median gated /
-median baseline. ``--compare-xla`` adds the baseline step built with
+median baseline, from a round of our steps alone. ``--compare-xla`` adds the baseline step built with
 ``conv_impl='xla'`` (XLA's own ops and passes) as ``baseline_xla``.
 ``--compare-torch`` adds the same dense network in PyTorch (``torch_models.py``,
 NCHW and channels_last, ``--torch-threads`` threads) doing the same SGD step:
 ``ours_over_torch_dense`` = baseline / torch NCHW, ``ours_gated_over_torch_dense`` =
-gated / torch NCHW. Without torch installed it says so in the JSON and skips it.
+gated / torch NCHW, from a second round where all runners alternate (our steps'
+medians there: ``*_beside_torch_ms_median``, ``gated_over_baseline_ratio_beside_torch``).
+Two rounds because torch steps in the alternation slow our gated step more than our
+baseline (ResNet-56 batch 128, one process: gated / baseline 1.11 alone, 1.36-1.38
+beside torch; bench/RESULTS.md). Without torch installed it says so and skips it.
 """
 
 import argparse
@@ -70,6 +74,19 @@ def jax_runner(step, state, batch):
   start = time.perf_counter()
   run()
   return run, time.perf_counter() - start
+
+
+def alternate(runners: dict, warmup: int, steps: int) -> dict:
+  """{name: [ms per timed call]}: the runners called in turn (A B C A B C ...), so that
+  drift on a shared machine hits all alike; the first ``warmup`` rounds are not kept."""
+  times = {k: [] for k in runners}
+  for i in range(warmup + steps):
+    for key, run in runners.items():
+      start = time.perf_counter()
+      run()
+      if i >= warmup:
+        times[key].append((time.perf_counter() - start) * 1e3)
+  return times
 
 
 def torch_runners(args, images, labels, num_classes):
@@ -133,14 +150,13 @@ def main(argv=None):
       run()
       runners[key], first_call[key] = run, time.perf_counter() - start
 
-  times = {k: [] for k in runners}
-  for i in range(args.warmup + args.steps):
-    for key, run in runners.items():
-      start = time.perf_counter()
-      run()
-      if i >= args.warmup:
-        times[key].append((time.perf_counter() - start) * 1e3)
-
+  jax_keys = [key for key, _, _ in builds]
+  times = alternate({k: runners[k] for k in jax_keys}, args.warmup, args.steps)
+  med_beside = None
+  if len(runners) > len(jax_keys):  # torch: a second round, every runner alternating
+    beside = alternate(runners, args.warmup, args.steps)
+    times.update({k: v for k, v in beside.items() if k not in jax_keys})
+    med_beside = {k: statistics.median(v) for k, v in beside.items()}
   med = {k: statistics.median(v) for k, v in times.items()}
   out = {
       'model': args.model, 'width': args.width, 'batch': args.batch, 'steps': args.steps,
@@ -157,11 +173,15 @@ def main(argv=None):
     out['baseline_over_baseline_xla'] = round(med['baseline'] / med['baseline_xla'], 4)
   if args.compare_torch:
     out['torch'] = torch_note
-    if 'torch_dense' in med:
-      out['ours_over_torch_dense'] = round(med['baseline'] / med['torch_dense'], 4)
-      out['ours_gated_over_torch_dense'] = round(med['gated'] / med['torch_dense'], 4)
+    if med_beside is not None:
+      for k in jax_keys:
+        out[f'{k}_beside_torch_ms_median'] = round(med_beside[k], 3)
+      out['gated_over_baseline_ratio_beside_torch'] = round(
+          med_beside['gated'] / med_beside['baseline'], 4)
+      out['ours_over_torch_dense'] = round(med_beside['baseline'] / med['torch_dense'], 4)
+      out['ours_gated_over_torch_dense'] = round(med_beside['gated'] / med['torch_dense'], 4)
       out['ours_over_torch_channels_last'] = round(
-          med['baseline'] / med['torch_dense_channels_last'], 4)
+          med_beside['baseline'] / med['torch_dense_channels_last'], 4)
   print(json.dumps(out))
 
 

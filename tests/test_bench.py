@@ -105,7 +105,7 @@ def test_torch_reference_models_have_our_shapes(name):
 def test_train_step_bench_compares_torch_and_xla():
   out = bench_json('train_step.py', '--model', 'resnet8', '--batch', '8', '--steps', '2',
                    '--warmup', '0', '--compare-torch', '--compare-xla')
-  assert out['conv_impl'] == 'cpu' and out['gated_over_baseline_ratio'] > 0
+  assert out['conv_impl'] in ('cpu', 'onednn') and out['gated_over_baseline_ratio'] > 0
   assert out['baseline_over_baseline_xla'] > 0
   try:
     import torch  # noqa: F401
@@ -114,3 +114,7 @@ def test_train_step_bench_compares_torch_and_xla():
   else:
     assert out['torch'].endswith('2 threads')
     assert out['ours_over_torch_dense'] > 0 and out['ours_gated_over_torch_dense'] > 0
+    # the torch round times our steps again beside torch's
+    assert out['gated_over_baseline_ratio_beside_torch'] > 0
+    assert out['ours_over_torch_dense'] == pytest.approx(
+        out['baseline_beside_torch_ms_median'] / out['torch_dense_ms_median'], rel=1e-3)
