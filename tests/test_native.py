@@ -162,7 +162,8 @@ def test_native_equals_masked_dense(name, width):
                              atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('gate', [dict(gt_after_block=True), dict(pool='max', softmax=False)])
+@pytest.mark.parametrize('gate', [dict(gt_after_block=True), dict(pool='max', softmax=False),
+                                  dict(head_norm='standardize')])
 def test_gate_options(gate):
   model, variables, x = init_gated('resnet20', batch=1, width=0.5)
   check_equal(with_gate(model, **gate), set_heads(variables, seed=2)[0], x)
@@ -205,7 +206,9 @@ def test_batches_equal_apply_per_sample():
     head = head[models.gating.HEAD_NAME]
     k = rng.standard_normal(head['kernel'].shape)
     head['kernel'] = (1e3 * (k - k.mean(axis=0))).astype(np.float32)
-    head['bias'] = np.zeros_like(head['bias'])
+    # Logits = (softmax - uniform) @ kernel + bias. A sample whose layer input is all
+    # zero pools to the uniform softmax: the bias alone, clear of 0 (not rounding noise).
+    head['bias'] = np.full_like(head['bias'], 1e-3)
   gates, nm = check_equal(model, variables, x)
   assert any(len({tuple(m) for m in np.asarray(g['mask'])}) > 1 for g in gates.values())
   for i in (0, 5):      # one sample alone gives its row of the batch

@@ -71,7 +71,8 @@ def test_input_dependent_heads_and_batches():
     np.testing.assert_array_equal(saux[name]['mask'], g['mask'], err_msg=name)
 
 
-@pytest.mark.parametrize('gate', [dict(gt_after_block=True), dict(pool='max', softmax=False)])
+@pytest.mark.parametrize('gate', [dict(gt_after_block=True), dict(pool='max', softmax=False),
+                                  dict(head_norm='standardize')])
 def test_gate_options(gate):
   model, variables, x = init_gated('resnet20', batch=1, width=0.5)
   model = with_gate(model, **gate)

@@ -55,12 +55,14 @@ _EMPTY = np.zeros((0,), np.float32)
 
 def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool = True,
                post_relu: bool = True, after_block: bool = False, pool: str = 'avg',
-               softmax: bool = True, sparse: bool = True, depthwise: bool = False):
+               softmax: bool = True, head_norm: str = 'none', sparse: bool = True,
+               depthwise: bool = False):
   """One layer, NCHW: ``(y (N, Cout, Ho, Wo), head logits (N, Cout), mask (N, Cout))``.
 
   ``w`` is OIHW ((C, 1, k, k) when ``depthwise``) with BN folded in, ``b`` its bias;
   ``head`` = (head_w (Cin, Cout), head_b (Cout,), head_w.sum(0)) or None (a plain
-  conv: logits zeros, mask ones), the column sums computed once at load time (so that
+  conv: logits zeros, mask ones), its input pooled as ``pool``, then ``softmax`` and
+  ``head_norm`` (GateConfig's), the column sums computed once at load time (so that
   no call reads all of head_w for them). ``residual`` (N, Cout, Ho, Wo) or None.
   The mask is the one applied (depthwise: also off where the input channel is all
   zero, SPEC 2.2). ``sparse=False`` computes every channel and then masks. The
@@ -83,4 +85,4 @@ def gated_conv(x, w, b, head=None, residual=None, *, stride: int = 1, relu: bool
   return call(x, w, b, head_w, head_b, head_colsum, _EMPTY if residual is None else residual,
               stride=stride, pad=pad, relu=relu, post_relu=post_relu,
               after_block=after_block, pool_max=pool == 'max', softmax=softmax,
-              sparse=sparse, depthwise=depthwise)
+              sparse=sparse, depthwise=depthwise, standardize=head_norm == 'standardize')

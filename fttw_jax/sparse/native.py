@@ -51,7 +51,7 @@ class _Runner:
     y, logits, mask = kernel.gated_conv(
         x, p['w'], p['b'], head, residual, stride=stride, relu=relu, post_relu=post_relu,
         after_block=after_block, pool=self.gate.pool, softmax=self.gate.softmax,
-        sparse=self.mode == 'sparse', depthwise=depthwise)
+        head_norm=self.gate.head_norm, sparse=self.mode == 'sparse', depthwise=depthwise)
     if gated:
       self.aux[name] = {'logits': logits, 'mask': mask}
     return y.reshape(*y.shape[:2], *shape[2:]) if pointwise else y

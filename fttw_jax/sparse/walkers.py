@@ -116,9 +116,6 @@ def check_supported(model) -> Callable:
                                                                         MobileNetV2)):
     raise ValueError(f'sparse execution implements gate.depthwise_rule=\'follow_input\'; '
                      f'got {model.gate.depthwise_rule!r} (fidelity=\'reference\')')
-  if model.gate.head_norm != 'none':
-    raise ValueError(f'sparse execution computes the heads as the paper does; got '
-                     f"gate.head_norm={model.gate.head_norm!r} (valid: 'none')")
   return walker
 
 

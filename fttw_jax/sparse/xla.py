@@ -67,6 +67,7 @@ import numpy as np
 from jax import lax
 
 from fttw_jax.sparse import base, walkers
+from fttw_jax.models.gating import normalize_head_input
 
 # Outputs of at most this many pixels run as an im2col matmul: XLA:CPU's conv is ~10x
 # slow at 2x2, and at 4x4 the matmul reads a gathered input-major kernel as is, where
@@ -254,6 +255,7 @@ class _Runner:
       pooled = jnp.zeros_like(pooled).at[act.idx].set(pooled, mode='drop')
     if self.gate.softmax:
       pooled = jax.nn.softmax(pooled)
+    pooled = normalize_head_input(pooled, self.gate.head_norm)
     logits = pooled @ p['head_w'] + p['head_b']
     return logits, (logits > 0).astype(jnp.float32)
 

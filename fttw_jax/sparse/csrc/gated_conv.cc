@@ -361,7 +361,8 @@ ChannelStats Scan(const float* p, int n) {
 struct Spec {
   Geometry g;
   const float *w, *b, *head_w, *head_b, *head_colsum;
-  bool gated, relu, post_relu, after_block, pool_max, softmax, sparse, depthwise;
+  bool gated, relu, post_relu, after_block, pool_max, softmax, sparse, depthwise,
+      standardize;
 };
 
 // One sample: x (Cin,H,W), rs its residual (nullptr: none) -> ys, out_logits, mask.
@@ -393,10 +394,19 @@ void RunSample(const Spec& s, const float* xs, const float* rs, float* ys,
       for (float& v : pooled) sum += (v = std::exp(v - mx));
       for (float& v : pooled) v /= sum;
     }
+    if (s.standardize) {  // GateConfig.head_norm='standardize': (v - mean) / (std + 1e-6)
+      float mean = 0.0f, var = 0.0f;
+      for (float v : pooled) mean += v;
+      mean /= g.cin;
+      for (float v : pooled) var += (v - mean) * (v - mean);
+      const float scale = 1.0f / (std::sqrt(var / g.cin) + 1e-6f);
+      for (float& v : pooled) v = (v - mean) * scale;
+    }
     // logits = head_b + pooled @ head_w, reading only the rows of channels that are
     // not all zero: an all-zero channel pools to 0, so every one of them has the same
-    // head input s0 (softmax(0), or 0), and together they add s0 * (colsum - the
-    // other rows' sum). A 1024-channel MobileNet head is 4 MB; most rows are skipped.
+    // head input s0 (softmax(0), or 0; standardized alike), and together they add
+    // s0 * (colsum - the other rows' sum). A 1024-channel MobileNet head is 4 MB; most
+    // rows are skipped.
     float s0 = 0.0f;
     for (int c = 0; c < g.cin; ++c)
       if (!nonzero[c]) {
@@ -458,7 +468,7 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> mask_out,
                          int64_t stride, int64_t pad, bool relu, bool post_relu,
                          bool after_block, bool pool_max, bool softmax, bool sparse,
-                         bool depthwise) {
+                         bool depthwise, bool standardize) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || wd[1] != (depthwise ? 1 : xd[1]) ||
       (depthwise && wd[0] != xd[1]) || wd[2] != wd[3] || wd[2] > 8)
@@ -469,7 +479,7 @@ ffi::Error GatedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Spec s{MakeGeometry(xd[1], xd[2], xd[3], wd[0], wd[2], stride, pad), w.typed_data(),
          b.typed_data(), head_w.typed_data(), head_b.typed_data(), head_colsum.typed_data(),
          head_w.element_count() > 0, relu, post_relu, after_block, pool_max, softmax, sparse,
-         depthwise};
+         depthwise, standardize};
   const Geometry& g = s.g;
   const bool has_res = residual.element_count() > 0;
   if (s.gated && (head_w.element_count() != static_cast<size_t>(g.cin) * g.cout ||
@@ -526,4 +536,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FttwGatedConv, GatedConvImpl,
                                   .Attr<bool>("pool_max")
                                   .Attr<bool>("softmax")
                                   .Attr<bool>("sparse")
-                                  .Attr<bool>("depthwise"));
+                                  .Attr<bool>("depthwise")
+                                  .Attr<bool>("standardize"));
