@@ -6,8 +6,9 @@
 Both steps are the project's own ``train.train_step`` over the same mesh and
 batch; runners are timed in alternation (A B C A B C ...) so that drift on a
 shared machine hits all alike. ``gated_over_baseline_ratio`` = median gated /
-median baseline, from a round of our steps alone. ``--compare-xla`` adds the baseline step built with
-``conv_impl='xla'`` (XLA's own ops and passes) as ``baseline_xla``.
+median baseline, from a round of our steps alone. ``--compare-xla`` adds the
+baseline step built with ``conv_impl='xla'`` (XLA's own ops and passes) as
+``baseline_xla``.
 ``--compare-torch`` adds the same dense network in PyTorch (``torch_models.py``,
 NCHW and channels_last, ``--torch-threads`` threads) doing the same SGD step:
 ``ours_over_torch_dense`` = baseline / torch NCHW, ``ours_gated_over_torch_dense`` =

@@ -76,6 +76,11 @@ def test_targets_per_sample_and_jit_equals_eager():
   assert len({tuple(np.asarray(row)) for row in m}) > 1
 
 
+def _ranked(row):
+  """Channel indices by a stable descending sort (ties: lower index first)."""
+  return sorted(range(len(row)), key=lambda c: (-row[c], c))
+
+
 def test_mass_targets_match_numpy_reference():
   rng = np.random.default_rng(0)
   y = rng.normal(size=(16, 3, 3, 24)).astype(np.float32)
@@ -84,16 +89,11 @@ def test_mass_targets_match_numpy_reference():
   p = s / s.sum(-1, keepdims=True)
   expected = np.zeros_like(p)
   for n in range(len(p)):
-    order = sorted(range(p.shape[1]), key=lambda c: (-p[n, c], c))
+    order = _ranked(p[n])
     q = np.cumsum(p[n, order])
     for pos, c in enumerate(order):
       expected[n, c] = float(q[pos] - r <= 1e-5)
   np.testing.assert_array_equal(ftwt.mass_targets(y, r), expected)
-
-
-def _ranked(row):
-  """Channel indices by a stable descending sort (ties: lower index first)."""
-  return sorted(range(len(row)), key=lambda c: (-row[c], c))
 
 
 @pytest.mark.parametrize('channels', [1, 5, 64, 512])
